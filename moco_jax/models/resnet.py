@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from moco_jax.models import fast_conv
 from moco_jax.models.batch_norm import GroupedBatchNorm
 
 # name -> (block type, blocks per stage)
@@ -24,13 +25,6 @@ ARCHS = {
 EXPANSION = {'basic': 1, 'bottleneck': 4}
 # torchvision initialises convs with kaiming_normal(mode='fan_out', relu).
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
-
-
-def _conv_class(impl: str):
-  if impl == 'xla':
-    return nn.Conv
-  from moco_jax.models import fast_conv
-  return fast_conv.conv_module(impl)
 
 
 def _pad(kernel: int):
@@ -117,7 +111,7 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = True):
     """x: (N, H, W, 3) normalised images -> (N, num_features) float32."""
-    conv = functools.partial(_conv_class(self.conv_impl),
+    conv = functools.partial(fast_conv.conv_module(self.conv_impl),
                              use_bias=False, dtype=self.dtype,
                              kernel_init=conv_init)
     norm = functools.partial(GroupedBatchNorm, use_running_average=not train,

@@ -1,0 +1,143 @@
+"""train_and_evaluate(config, workdir): the pretraining loop.
+
+Builds the encoder, optimiser and replicated state on a one-axis 'data' mesh
+over every device, resumes from the newest checkpoint in `workdir`, and
+trains with progress bar, metrics.jsonl, TensorBoard and orbax checkpoints.
+Importable from Python/Colab; main.py is only the command-line wrapper.
+"""
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from moco_jax import augment, checkpointing, input_pipeline, optim, train_step
+from moco_jax.config_checks import check_config
+from moco_jax.metric_writer import MetricWriter
+from moco_jax.models import build_encoder
+from moco_jax.state import create_state
+
+
+def compute_dtype(config):
+  return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[config.dtype]
+
+
+def steps_per_epoch(config, info: input_pipeline.DatasetInfo) -> int:
+  """Full global batches per epoch (each process drops its remainder)."""
+  processes = jax.process_count()
+  local_batch = config.train.batch_size // processes
+  return (info.num_examples // processes) // local_batch
+
+
+def total_steps(config, epoch_steps: int) -> int:
+  if config.train.num_steps > 0:
+    return config.train.num_steps
+  return config.train.num_epochs * epoch_steps
+
+
+class Experiment:
+  """Everything derived from a config that the loop and evaluators share."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh=None):
+    check_config(config, jax.device_count() if mesh is None else mesh.size)
+    self.config = config
+    self.info = input_pipeline.dataset_info(config.data)
+    self.mesh = mesh or train_step.make_mesh()
+    self.epoch_steps = steps_per_epoch(config, self.info)
+    if self.epoch_steps == 0:
+      raise input_pipeline.DatasetError(
+          f'train.batch_size={config.train.batch_size} is larger than the '
+          f'{self.info.num_examples} training examples of {self.info.name!r}')
+    self.total_steps = total_steps(config, self.epoch_steps)
+    self.encoder = build_encoder(config.model, config.moco.bn_splits,
+                                 compute_dtype(config), config.model.conv_impl)
+    self.schedule = optim.learning_rate_schedule(
+        config.optim, config.train.batch_size, self.epoch_steps, self.total_steps)
+    self.optimizer = optim.build_optimizer(config.optim, self.schedule)
+    self.replicated = NamedSharding(self.mesh, P())
+    self.batch_sharding = NamedSharding(self.mesh, P(train_step.AXIS))
+
+  def init_state(self):
+    """A fresh replicated state from config.seed."""
+    c = self.config
+    init = functools.partial(
+        create_state, self.encoder, self.optimizer, image_size=c.data.image_size,
+        queue_size=c.moco.queue_size, dim=c.model.dim, bn_splits=c.moco.bn_splits)
+    return jax.jit(init, out_shardings=self.replicated)(jax.random.PRNGKey(c.seed))
+
+  def abstract_state(self):
+    """Shapes, dtypes and shardings of the state, without computing it."""
+    c = self.config
+    shapes = jax.eval_shape(functools.partial(
+        create_state, self.encoder, self.optimizer, image_size=c.data.image_size,
+        queue_size=c.moco.queue_size, dim=c.model.dim, bn_splits=c.moco.bn_splits),
+        jax.random.PRNGKey(c.seed))
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(
+        s.shape, s.dtype, sharding=self.replicated), shapes)
+
+  def train_step(self):
+    c = self.config
+    mean, std = augment.MEAN_STD[c.data.normalization]
+    return train_step.make_train_step(
+        self.mesh, encoder=self.encoder, optimizer=self.optimizer,
+        schedule=self.schedule, moco_config=c.moco,
+        augment_config=dict(recipe=c.data.augment, mean=mean, std=std))
+
+  def to_global(self, local_batch):
+    """Host (per-process) numpy batch -> global arrays sharded over 'data'."""
+    return jax.make_array_from_process_local_data(self.batch_sharding, local_batch)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Pretrains MoCo; resumes from workdir's newest checkpoint if there is one.
+
+  Returns:
+    The last logged metrics (a dict of Python scalars).
+  """
+  experiment = Experiment(config)
+  checkpointer = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
+  if checkpointer.latest_step() is not None:
+    state = checkpointer.restore(experiment.abstract_state())
+  else:
+    state = experiment.init_state()
+  start_step, last_step = int(state.step), experiment.total_steps
+  is_main = jax.process_index() == 0
+  writer = MetricWriter(workdir, enabled=is_main)
+  local_batch = config.train.batch_size // jax.process_count()
+  batches = input_pipeline.pretrain_batches(config.data, local_batch, config.seed,
+                                            start_step)
+  step_fn = experiment.train_step()
+  progress = tqdm(total=last_step, initial=start_step, disable=not is_main,
+                  unit='step', dynamic_ncols=True, desc='pretrain')
+  last_metrics = {}
+  try:
+    window_start, window_steps = time.perf_counter(), 0
+    for step in range(start_step, last_step):
+      batch = next(batches)
+      state, metrics = step_fn(state, experiment.to_global(batch['images_q']),
+                               experiment.to_global(batch['images_k']))
+      done, window_steps = step + 1, window_steps + 1
+      if done % config.train.log_every == 0 or done == last_step:
+        elapsed = time.perf_counter() - window_start
+        last_metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
+        last_metrics.update(
+            epoch=done / experiment.epoch_steps,
+            images_per_sec=window_steps * config.train.batch_size / elapsed)
+        writer.write(done, last_metrics)
+        progress.set_postfix(loss=f'{last_metrics["loss"]:.3f}',
+                             img_s=f'{last_metrics["images_per_sec"]:.0f}')
+        window_start, window_steps = time.perf_counter(), 0
+      if done % config.train.checkpoint_every == 0 or done == last_step:
+        checkpointer.save(done, state, config.to_dict())
+      progress.update(1)
+  finally:
+    # Whatever stopped the loop, let a started save complete (orbax only
+    # marks it as a checkpoint once it is whole).
+    progress.close()
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+  return last_metrics

@@ -1,0 +1,71 @@
+"""Shared test setup: 8 fake CPU devices and a tiny on-disk TFDS dataset."""
+import os
+
+# Must be set before JAX initialises its backends.
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_DATASET = 'tiny_images'
+
+
+def build_tiny_dataset(data_dir, num_train=64, num_test=32, size=16, classes=4,
+                       seed=0):
+  """Writes a TFDS dataset `tiny_images` (uint8 images, labels) to data_dir.
+
+  Images are class-dependent colour blobs plus noise, so classes are
+  separable by colour alone.
+  """
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+  rng = np.random.default_rng(seed)
+  palette = rng.integers(0, 256, (classes, 3))
+
+  def split(n):
+    labels = rng.integers(0, classes, n)
+    noise = rng.normal(0, 20, (n, size, size, 3))
+    images = np.clip(palette[labels][:, None, None, :] + noise, 0, 255)
+    return tf.data.Dataset.from_tensor_slices(
+        {'image': images.astype(np.uint8), 'label': labels.astype(np.int64)})
+
+  builder = tfds.dataset_builders.TfDataBuilder(
+      name=TINY_DATASET, version='1.0.0', data_dir=str(data_dir),
+      split_datasets={'train': split(num_train), 'test': split(num_test)},
+      features=tfds.features.FeaturesDict({
+          'image': tfds.features.Image(shape=(size, size, 3)),
+          'label': tfds.features.ClassLabel(num_classes=classes)}))
+  builder.download_and_prepare()
+  return str(data_dir)
+
+
+@pytest.fixture(scope='session')
+def tiny_data_dir(tmp_path_factory):
+  return build_tiny_dataset(tmp_path_factory.mktemp('tfds'))
+
+
+def smoke_config(data_dir, **overrides):
+  """configs/smoke.py pointed at the tiny dataset, with dotted overrides."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      'smoke', os.path.join(REPO, 'configs', 'smoke.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.data.dataset = TINY_DATASET
+  config.data.data_dir = data_dir
+  for dotted, value in overrides.items():
+    section, key = dotted.split('.') if '.' in dotted else (None, dotted)
+    target = config[section] if section else config
+    target[key] = value
+  return config
+
+
+# Recompiling the same step in several tests (and CLI subprocesses) is the
+# suite's main cost on CPU: share XLA's persistent compilation cache.
+_CACHE = os.path.join(REPO, '.pytest_cache', 'jax_compilation_cache')
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', _CACHE)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')

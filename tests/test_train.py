@@ -1,0 +1,115 @@
+"""train_and_evaluate and the CLI: exact resume, checkpoints, bad input."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO, TINY_DATASET, smoke_config
+from moco_jax import checkpointing, input_pipeline, train
+from moco_jax.metric_writer import read_metrics
+
+
+def restored_state(config, workdir, step):
+  experiment = train.Experiment(config)
+  checkpointer = checkpointing.Checkpointer(workdir)
+  state = checkpointer.restore(experiment.abstract_state(), step)
+  checkpointer.close()
+  return jax.device_get(state)
+
+
+def test_resume_is_exact(tiny_data_dir, tmp_path, monkeypatch):
+  config = smoke_config(tiny_data_dir)
+  straight, interrupted = str(tmp_path / 'straight'), str(tmp_path / 'interrupted')
+  train.train_and_evaluate(config, straight)
+
+  real_batches = input_pipeline.pretrain_batches
+
+  def dies_after_two_batches(*args, **kwargs):
+    batches = real_batches(*args, **kwargs)
+    yield next(batches)
+    yield next(batches)
+    raise KeyboardInterrupt  # the user presses Ctrl-C during step 3
+
+  monkeypatch.setattr(input_pipeline, 'pretrain_batches', dies_after_two_batches)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, interrupted)
+  monkeypatch.setattr(input_pipeline, 'pretrain_batches', real_batches)
+  assert checkpointing.Checkpointer(interrupted).all_steps() == [2]
+  train.train_and_evaluate(config, interrupted)             # resumes at step 2
+
+  want = restored_state(config, straight, 4)
+  got = restored_state(config, interrupted, 4)
+  assert int(got.step) == 4
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
+               want, got)
+  logged = lambda workdir: {e['step']: e['loss'] for e in read_metrics(workdir)}
+  assert logged(straight)[4] == pytest.approx(logged(interrupted)[4], rel=1e-6)
+
+
+def run_cli(workdir, data_dir, *overrides):
+  command = [sys.executable, '-m', 'moco_jax.main', '--config=configs/smoke.py',
+             f'--workdir={workdir}', f'--config.data.dataset={TINY_DATASET}',
+             f'--config.data.data_dir={data_dir}', *overrides]
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one device
+  return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=300)
+
+
+def tree_digest(directory):
+  digest = hashlib.sha256()
+  for root, _, files in sorted(os.walk(directory)):
+    for name in sorted(files):
+      path = os.path.join(root, name)
+      digest.update(path.encode())
+      with open(path, 'rb') as f:
+        digest.update(f.read())
+  return digest.hexdigest()
+
+
+@pytest.fixture(scope='module')
+def cli_workdir(tiny_data_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('cli'))
+  result = run_cli(workdir, tiny_data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def test_cli_smoke_writes_metrics_and_checkpoints_then_continues(cli_workdir, tiny_data_dir):
+  events = read_metrics(cli_workdir)
+  assert [e['step'] for e in events] == [2, 4]
+  for key in ('loss', 'top1', 'top5', 'lr', 'queue_ptr', 'images_per_sec'):
+    assert key in events[-1]
+  assert np.isfinite(events[-1]['loss'])
+  assert checkpointing.Checkpointer(cli_workdir).all_steps() == [2, 4]
+  assert os.listdir(os.path.join(cli_workdir, 'tensorboard'))
+
+  result = run_cli(cli_workdir, tiny_data_dir, '--config.train.num_steps=6')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert [e['step'] for e in read_metrics(cli_workdir)] == [2, 4, 6]  # no step redone
+  assert checkpointing.Checkpointer(cli_workdir).all_steps() == [4, 6]
+
+
+BAD_INPUTS = [
+    (['--config.moco.queue_size=40'], 'moco.queue_size=40'),
+    (['--config.moco.bn_splits=3'], 'train.batch_size=16 is not divisible by devices × moco.bn_splits'),
+    (['--config.model.arch=resnet42'], "model.arch='resnet42'"),
+    (['--config.data.dataset=no_such_dataset'], "'no_such_dataset'"),
+    (['--config.data.data_dir=/nonexistent/tfds'], "'/nonexistent/tfds' does not exist"),
+]
+
+
+@pytest.mark.parametrize('overrides,message', BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
+def test_bad_input_is_one_clear_line_and_touches_nothing(cli_workdir, tiny_data_dir,
+                                                         overrides, message):
+  before = tree_digest(cli_workdir)
+  result = run_cli(cli_workdir, tiny_data_dir, *overrides)
+  assert result.returncode == 2
+  error_lines = [l for l in result.stderr.splitlines() if l.startswith('error:')]
+  assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
+  assert tree_digest(cli_workdir) == before
