@@ -11,6 +11,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.dtype = 'float32'              # compute dtype: 'float32' or 'bfloat16'
+  c.init_from = ''                 # optional weights to start f_q and f_k from
 
   c.model = ml_collections.ConfigDict()
   c.model.arch = 'resnet50'        # resnet18, resnet34, resnet50, resnet101, resnet152
@@ -59,6 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.knn_every = 0             # epochs between kNN evaluations; 0 = never
+  c.eval.knn_at_start = False      # also evaluate the random init at step 0
+  c.eval.batch_size = 512          # feature-extraction batch (global)
   c.eval.knn_k = 200
   c.eval.knn_t = 0.1
   return c
