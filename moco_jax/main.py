@@ -2,9 +2,12 @@
 
 Any config value can be overridden: --config.moco.queue_size=4096.
 """
+import os
 import sys
 
-from absl import app, flags
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
+
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from moco_jax.config_checks import ConfigError
@@ -20,6 +23,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  logging.set_verbosity(logging.WARNING)  # orbax/tfds info lines drown the bar
   from moco_jax import train  # after flag parsing: jax/tf imports are slow
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

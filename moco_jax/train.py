@@ -121,8 +121,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                experiment.to_global(batch['images_k']))
       done, window_steps = step + 1, window_steps + 1
       if done % config.train.log_every == 0 or done == last_step:
+        metrics = jax.device_get(metrics)  # waits for the step to finish
         elapsed = time.perf_counter() - window_start
-        last_metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
+        last_metrics = {k: v.item() for k, v in metrics.items()}
         last_metrics.update(
             epoch=done / experiment.epoch_steps,
             images_per_sec=window_steps * config.train.batch_size / elapsed)
