@@ -5,26 +5,58 @@ renames it when complete), so an interrupted save never becomes "latest".
 """
 import json
 import os
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 from moco_jax.state import MoCoState
 
 CHECKPOINT_SUBDIR = 'checkpoints'
+CORRUPT_SUBDIR = 'corrupt_checkpoints'
+# Config entries that fix the state's structure: a checkpoint made with other
+# values cannot continue under this config.
+STATE_DEFINING_KEYS = ('model.arch', 'model.width_multiplier', 'model.cifar_stem',
+                       'model.head', 'model.head_hidden_dim', 'model.dim',
+                       'moco.queue_size', 'optim.name')
+
+
+class CheckpointError(RuntimeError):
+  """No usable checkpoint, or one that does not fit the config."""
 
 
 class Checkpointer:
   """Keeps the newest `keep` checkpoints of a run under workdir/checkpoints."""
 
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, CHECKPOINT_SUBDIR)
+    self._options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+    self._open()
+
+  def remove_unfinished_saves(self):
+    """Deletes what a killed process left of a save in progress.
+
+    Orbax writes into 'STEP.orbax-checkpoint-tmp…' and renames it when
+    complete, so these were never checkpoints; left in place, a new save of
+    the same step would collide with them. Only the run that owns the
+    workdir may call this (it would break another process's save).
+    """
+    if jax.process_index() != 0 or not os.path.isdir(self.directory):
+      return
+    for name in os.listdir(self.directory):
+      if '.orbax-checkpoint-tmp' in name:
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+    self._manager.reload()
+
+  def _open(self):
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True,
-            enable_async_checkpointing=async_save),
-        item_names=('state', 'config'))
+        self.directory, options=self._options, item_names=('state', 'config'))
+
+  def path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -46,6 +78,42 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state)))
     return restored.state
 
+  def restore_newest_valid(self, abstract_state: MoCoState) -> MoCoState:
+    """The newest checkpoint that reads back whole.
+
+    An unreadable one (truncated or missing file, bad metadata) is moved to
+    workdir/corrupt_checkpoints/ with a warning and the previous one is tried.
+
+    Raises:
+      CheckpointError naming the directory when none is readable.
+    """
+    moved = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        return self.restore(abstract_state, step)
+      except Exception as error:  # orbax/tensorstore raise many types
+        moved.append(self._quarantine(step, error))
+    raise CheckpointError(
+        f'no readable checkpoint in {self.directory}'
+        + (f' (unreadable ones moved to {", ".join(moved)})' if moved else '')
+        + '; use a new --workdir to start over')
+
+  def _quarantine(self, step: int, error: Exception) -> str:
+    destination = os.path.join(self.workdir, CORRUPT_SUBDIR, str(step))
+    while os.path.exists(destination):
+      destination += '_'
+    os.makedirs(os.path.dirname(destination), exist_ok=True)
+    self._manager.close()
+    shutil.move(self.path(step), destination)
+    self._open()
+    reason = f'{type(error).__name__}: {str(error).splitlines()[0][:200]}' if str(error) else type(error).__name__
+    logging.warning('checkpoint %s is unreadable (%s); moved it to %s and '
+                    'falling back to the previous one', self.path(step), reason,
+                    destination)
+    print(f'warning: checkpoint {self.path(step)} is unreadable ({reason}); '
+          f'moved to {destination}, falling back to the previous one', flush=True)
+    return destination
+
   def restore_config(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
     return self._manager.restore(step, args=ocp.args.Composite(
@@ -63,3 +131,20 @@ def abstract_like(state) -> MoCoState:
   """ShapeDtypeStructs (with shardings) describing `state`, for restore."""
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def _lookup(config: dict, dotted: str):
+  value = config
+  for key in dotted.split('.'):
+    value = value.get(key) if isinstance(value, dict) else None
+  return list(value) if isinstance(value, tuple) else value
+
+
+def incompatibilities(saved_config: dict, config: dict) -> list[str]:
+  """'key: saved → new' for every state-defining entry that differs."""
+  problems = []
+  for key in STATE_DEFINING_KEYS:
+    old, new = _lookup(saved_config, key), _lookup(config, key)
+    if old != new:
+      problems.append(f'{key}: {old!r} in the checkpoint, {new!r} now')
+  return problems

@@ -10,8 +10,6 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from moco_jax.config_checks import ConfigError
-from moco_jax.input_pipeline import DatasetError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
@@ -20,17 +18,40 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def parse_flags(argv):
+  """absl's parsing, with a bad --config file or override as a one-line error."""
+  try:
+    argv = FLAGS(argv)
+    FLAGS.config.seed  # config_flags defers file errors to the first access
+    return argv
+  except Exception as error:  # config_flags raises KeyError, AttributeError, …
+    while error.args and isinstance(error.args[0], Exception):
+      error = error.args[0]  # unwrap AttributeError(KeyError(message))
+    if isinstance(error, OSError) and error.__cause__ is not None:
+      error = error.__cause__  # the file that failed to load, not the retry
+    message = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+    print(f'error: invalid command line: {" ".join(message.split())}', file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)  # orbax/tfds info lines drown the bar
-  from moco_jax import train  # after flag parsing: jax/tf imports are slow
+  # Imported after flag parsing: JAX and TensorFlow take seconds to load.
+  from moco_jax import train
+  from moco_jax.checkpointing import CheckpointError
+  from moco_jax.config_checks import ConfigError
+  from moco_jax.input_pipeline import DatasetError
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ConfigError, DatasetError) as error:
+  except (ConfigError, DatasetError, CheckpointError) as error:
     print(f'error: {error}', file=sys.stderr)
     sys.exit(2)
+  except train.NonFiniteError as error:
+    print(f'error: {error}', file=sys.stderr)
+    sys.exit(3)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

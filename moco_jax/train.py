@@ -11,10 +11,12 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from moco_jax import augment, checkpointing, input_pipeline, optim, train_step
+from moco_jax import (augment, checkpointing, input_pipeline, optim, preemption,
+                      train_step)
 from moco_jax.config_checks import check_config
 from moco_jax.metric_writer import MetricWriter
 from moco_jax.models import build_encoder
@@ -91,18 +93,62 @@ class Experiment:
     return jax.make_array_from_process_local_data(self.batch_sharding, local_batch)
 
 
+class NonFiniteError(RuntimeError):
+  """The loss or the gradient became NaN or infinite."""
+
+
+def restore_or_init(experiment: Experiment, checkpointer: checkpointing.Checkpointer):
+  """The newest readable checkpoint's state, or a fresh one.
+
+  Raises:
+    checkpointing.CheckpointError if the workdir's checkpoint was made with a
+    config whose state cannot continue under this one (other arch, head, K…).
+  """
+  steps = checkpointer.all_steps()
+  if not steps:
+    return experiment.init_state()
+  try:
+    saved = checkpointer.restore_config(steps[-1])
+  except Exception:  # unreadable: restore_newest_valid deals with it
+    saved = None
+  if saved is not None:
+    problems = checkpointing.incompatibilities(saved, experiment.config.to_dict())
+    if problems:
+      raise checkpointing.CheckpointError(
+          f'{checkpointer.directory} holds a checkpoint of a different run ('
+          + '; '.join(problems) + '); use a new --workdir to start over')
+  return checkpointer.restore_newest_valid(experiment.abstract_state())
+
+
+def _check_finite(metrics: dict, step: int, checkpointer) -> None:
+  if all(np.isfinite(metrics[key]) for key in ('loss', 'grad_norm')):
+    return
+  good = checkpointer.all_steps()
+  raise NonFiniteError(
+      f'non-finite training detected at step {step} (loss={metrics["loss"]}, '
+      f'grad_norm={metrics["grad_norm"]}); nothing saved after it; last good '
+      f'checkpoint: {checkpointer.path(good[-1]) if good else "none"} '
+      f'(lower optim.base_lr or add optim.warmup_epochs)')
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Pretrains MoCo; resumes from workdir's newest checkpoint if there is one.
 
+  SIGTERM or Ctrl-C: finish the current step, save, return. Losses and
+  gradients are checked for NaN/Inf at every log and checkpoint step; no
+  checkpoint is written from a non-finite state.
+
   Returns:
     The last logged metrics (a dict of Python scalars).
+
+  Raises:
+    ConfigError, DatasetError, CheckpointError: before any compilation.
+    NonFiniteError: training diverged.
   """
   experiment = Experiment(config)
   checkpointer = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
-  if checkpointer.latest_step() is not None:
-    state = checkpointer.restore(experiment.abstract_state())
-  else:
-    state = experiment.init_state()
+  checkpointer.remove_unfinished_saves()
+  state = restore_or_init(experiment, checkpointer)
   start_step, last_step = int(state.step), experiment.total_steps
   is_main = jax.process_index() == 0
   writer = MetricWriter(workdir, enabled=is_main)
@@ -114,26 +160,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                   unit='step', dynamic_ncols=True, desc='pretrain')
   last_metrics = {}
   try:
-    window_start, window_steps = time.perf_counter(), 0
-    for step in range(start_step, last_step):
-      batch = next(batches)
-      state, metrics = step_fn(state, experiment.to_global(batch['images_q']),
-                               experiment.to_global(batch['images_k']))
-      done, window_steps = step + 1, window_steps + 1
-      if done % config.train.log_every == 0 or done == last_step:
-        metrics = jax.device_get(metrics)  # waits for the step to finish
-        elapsed = time.perf_counter() - window_start
-        last_metrics = {k: v.item() for k, v in metrics.items()}
-        last_metrics.update(
-            epoch=done / experiment.epoch_steps,
-            images_per_sec=window_steps * config.train.batch_size / elapsed)
-        writer.write(done, last_metrics)
-        progress.set_postfix(loss=f'{last_metrics["loss"]:.3f}',
-                             img_s=f'{last_metrics["images_per_sec"]:.0f}')
-        window_start, window_steps = time.perf_counter(), 0
-      if done % config.train.checkpoint_every == 0 or done == last_step:
-        checkpointer.save(done, state, config.to_dict())
-      progress.update(1)
+    with preemption.StopRequests() as stop:
+      window_start, window_steps = time.perf_counter(), 0
+      for step in range(start_step, last_step):
+        batch = next(batches)
+        state, metrics = step_fn(state, experiment.to_global(batch['images_q']),
+                                 experiment.to_global(batch['images_k']))
+        done, window_steps = step + 1, window_steps + 1
+        stopping = stop.requested
+        log_due = done % config.train.log_every == 0 or done == last_step
+        save_due = (done % config.train.checkpoint_every == 0 or done == last_step
+                    or stopping)
+        if log_due or save_due:
+          metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
+          _check_finite(metrics, done, checkpointer)
+        if log_due:
+          elapsed = time.perf_counter() - window_start
+          last_metrics = dict(metrics, epoch=done / experiment.epoch_steps,
+                              images_per_sec=window_steps * config.train.batch_size / elapsed)
+          writer.write(done, last_metrics)
+          progress.set_postfix(loss=f'{last_metrics["loss"]:.3f}',
+                               img_s=f'{last_metrics["images_per_sec"]:.0f}')
+          window_start, window_steps = time.perf_counter(), 0
+        if save_due:
+          checkpointer.save(done, state, config.to_dict())
+        progress.update(1)
+        if stopping:
+          progress.write(f'{stop.signal_name}: saved step {done} to '
+                         f'{checkpointer.path(done)}; rerun the same command to continue')
+          break
   finally:
     # Whatever stopped the loop, let a started save complete (orbax only
     # marks it as a checkpoint once it is whole).
