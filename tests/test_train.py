@@ -51,13 +51,18 @@ def test_resume_is_exact(tiny_data_dir, tmp_path, monkeypatch):
   assert logged(straight)[4] == pytest.approx(logged(interrupted)[4], rel=1e-6)
 
 
-def run_cli(workdir, data_dir, *overrides):
+def cli_command(workdir, data_dir, *overrides):
+  """The pretraining CLI on the smoke config and tiny dataset, one device."""
   command = [sys.executable, '-m', 'moco_jax.main', '--config=configs/smoke.py',
              f'--workdir={workdir}', f'--config.data.dataset={TINY_DATASET}',
              f'--config.data.data_dir={data_dir}', *overrides]
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one device
-  return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=300)
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  return dict(args=command, cwd=REPO, env=env, text=True)
+
+
+def run_cli(workdir, data_dir, *overrides):
+  return subprocess.run(**cli_command(workdir, data_dir, *overrides),
+                        capture_output=True, timeout=300)
 
 
 def tree_digest(directory):
@@ -100,6 +105,8 @@ BAD_INPUTS = [
     (['--config.model.arch=resnet42'], "model.arch='resnet42'"),
     (['--config.data.dataset=no_such_dataset'], "'no_such_dataset'"),
     (['--config.data.data_dir=/nonexistent/tfds'], "'/nonexistent/tfds' does not exist"),
+    (['--config.moco.queu_size=4096'], 'Did you mean "queue_size"'),
+    (['--config.train.batch_size=many'], "--config.train.batch_size=many"),
 ]
 
 
