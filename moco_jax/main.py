@@ -42,10 +42,11 @@ def main(argv):
   from moco_jax import train
   from moco_jax.checkpointing import CheckpointError
   from moco_jax.config_checks import ConfigError
+  from moco_jax.convert import WeightsError
   from moco_jax.input_pipeline import DatasetError
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ConfigError, DatasetError, CheckpointError) as error:
+  except (ConfigError, DatasetError, CheckpointError, WeightsError) as error:
     print(f'error: {error}', file=sys.stderr)
     sys.exit(2)
   except train.NonFiniteError as error:

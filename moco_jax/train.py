@@ -15,8 +15,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from moco_jax import (augment, checkpointing, input_pipeline, optim, preemption,
-                      train_step)
+from moco_jax import (augment, checkpointing, import_weights, input_pipeline, optim,
+                      preemption, train_step)
 from moco_jax.config_checks import check_config
 from moco_jax.metric_writer import MetricWriter
 from moco_jax.models import build_encoder
@@ -97,6 +97,17 @@ class NonFiniteError(RuntimeError):
   """The loss or the gradient became NaN or infinite."""
 
 
+def init_state(experiment: Experiment):
+  """A fresh state; f_q and f_k both from `config.init_from` when set."""
+  state = experiment.init_state()
+  path = experiment.config.init_from
+  if path:
+    variables = import_weights.load_weights(
+        path, {'params': state.params, 'batch_stats': state.batch_stats})
+    state = import_weights.init_state_from(state, variables)
+  return state
+
+
 def restore_or_init(experiment: Experiment, checkpointer: checkpointing.Checkpointer):
   """The newest readable checkpoint's state, or a fresh one.
 
@@ -106,7 +117,7 @@ def restore_or_init(experiment: Experiment, checkpointer: checkpointing.Checkpoi
   """
   steps = checkpointer.all_steps()
   if not steps:
-    return experiment.init_state()
+    return init_state(experiment)
   try:
     saved = checkpointer.restore_config(steps[-1])
   except Exception:  # unreadable: restore_newest_valid deals with it
