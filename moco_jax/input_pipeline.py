@@ -154,3 +154,163 @@ def _epoch_dataset(base, data_config, local_batch, seed, epoch, skip,
   options = tf.data.Options()
   options.deterministic = True
   return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+# ----------------------------------------------------------------------------
+# Evaluation input: deterministic, every example once, padded and masked.
+
+# Images larger than this are evaluated as ImageNet is: resize the shorter side
+# to image_size / 0.875 (224 -> 256), then center crop image_size.
+SMALL_IMAGE_SIZE = 64
+
+
+def eval_transform(image, image_size: int):
+  """The deterministic evaluation view of one decoded image.
+
+  Small images (image_size <= 64, e.g. CIFAR) are resized whole to
+  image_size (a no-op at their own size); larger ones get torchvision's
+  Resize(round(image_size / 0.875)) + CenterCrop(image_size).
+
+  image: (H, W, 3) uint8. Returns (image_size, image_size, 3) uint8.
+  """
+  if image_size <= SMALL_IMAGE_SIZE:
+    resized = tf.image.resize(image, (image_size, image_size), antialias=True)
+  else:
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    short = round(image_size / 0.875)
+    # torchvision: the shorter side becomes `short`, the longer int(long * r).
+    scale = short / tf.reduce_min(shape)
+    new_shape = tf.where(shape == tf.reduce_min(shape), float(short),
+                         tf.floor(shape * scale))
+    resized = tf.image.resize(image, tf.cast(new_shape, tf.int32), antialias=True)
+    height, width = tf.unstack(tf.shape(resized)[:2])
+    top = tf.cast(tf.round((height - image_size) / 2), tf.int32)
+    left = tf.cast(tf.round((width - image_size) / 2), tf.int32)
+    resized = tf.slice(resized, [top, left, 0], [image_size, image_size, 3])
+  return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+
+
+class EvalBatches:
+  """Every example of a split once, in a fixed order, in padded batches.
+
+  Iterable any number of times (with data.cache the decoded, resized images
+  are kept in memory after the first pass). Each process reads its part of
+  the split (tfds.split_for_jax_process, nothing dropped) and yields the same
+  number of batches, `len(self)`, so that all processes run the same jitted
+  steps; padding examples are zeros with mask False.
+
+  Yields:
+    {'image': (local_batch, S, S, 3) uint8, 'label': (local_batch,) int32,
+     'mask': (local_batch,) bool}, S = data.image_size.
+  """
+
+  def __init__(self, data_config, split: str, local_batch: int):
+    if local_batch <= 0:
+      raise DatasetError(f'evaluation batch of {local_batch} images per process '
+                         f'must be positive')
+    builder = tfds.builder(data_config.dataset, data_dir=_data_dir(data_config))
+    if split not in builder.info.splits:
+      raise DatasetError(
+          f'data.dataset {data_config.dataset!r} has no prepared split {split!r} '
+          f'(available: {sorted(builder.info.splits) or "none"})')
+    self.num_examples = builder.info.splits[split].num_examples  # all processes
+    self.local_batch = local_batch
+    self.image_size = data_config.image_size
+    largest_part = -(-self.num_examples // jax.process_count())
+    self._num_batches = -(-largest_part // local_batch)
+    ds = _load_split(data_config, tfds.split_for_jax_process(
+        split, drop_remainder=False))
+
+    def transform(example):
+      image = tf.io.decode_image(example['image'], channels=3,
+                                 expand_animations=False)
+      image = eval_transform(image, data_config.image_size)
+      image.set_shape((data_config.image_size, data_config.image_size, 3))
+      return {'image': image, 'label': tf.cast(example['label'], tf.int32)}
+
+    ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE)
+    if data_config.cache:
+      ds = ds.cache()
+    options = tf.data.Options()
+    options.deterministic = True
+    self._dataset = ds.batch(local_batch).with_options(options).prefetch(
+        tf.data.AUTOTUNE)
+
+  def __len__(self) -> int:
+    return self._num_batches
+
+  def __iter__(self) -> Iterator[dict]:
+    produced = 0
+    for batch in self._dataset.as_numpy_iterator():
+      yield _pad_batch(batch, self.local_batch)
+      produced += 1
+    empty = {'image': np.zeros((0, self.image_size, self.image_size, 3), np.uint8),
+             'label': np.zeros((0,), np.int32)}
+    for _ in range(produced, self._num_batches):
+      yield _pad_batch(empty, self.local_batch)
+
+
+def _pad_batch(batch: dict, size: int) -> dict:
+  """Pads a batch's leading axis with zeros to `size`; adds 'mask'."""
+  count = len(batch['label'])
+  pad = lambda x: np.concatenate([x, np.zeros((size - count,) + x.shape[1:], x.dtype)])
+  padded = {key: pad(value) for key, value in batch.items()}
+  padded['mask'] = np.arange(size) < count
+  return padded
+
+
+def eval_batches(data_config, split: str, local_batch: int) -> EvalBatches:
+  """This process's evaluation batches of `split`; see EvalBatches."""
+  return EvalBatches(data_config, split, local_batch)
+
+
+# ----------------------------------------------------------------------------
+# Linear evaluation input: one random-resized crop + flip per image, labels.
+
+
+def labelled_batches(data_config, local_batch: int, seed: int,
+                     start_step: int = 0) -> Iterator[dict]:
+  """Endless iterator of augmented, labelled training batches (linear eval).
+
+  Same order and resume semantics as `pretrain_batches`, one view per image:
+  RandomResizedCrop(data.image_size, data.crop_scale) + horizontal flip.
+
+  Yields:
+    {'image': (local_batch, S, S, 3) uint8, 'label': (local_batch,) int32}.
+  """
+  split = tfds.split_for_jax_process(data_config.train_split, drop_remainder=True)
+  base = _load_split(data_config, split)
+  num_local = int(base.cardinality())
+  steps_per_epoch = num_local // local_batch
+  if steps_per_epoch == 0:
+    raise DatasetError(f'train.batch_size gives {local_batch} images per process '
+                       f'but this process has only {num_local} examples')
+  if data_config.cache:
+    base = base.cache()
+  epoch, skip = divmod(start_step, steps_per_epoch)
+  process = jax.process_index()
+  while True:
+    epoch_seed = tf.constant([seed, epoch], tf.int64)
+
+    def crop(position, example):
+      example_seed = tf.random.experimental.stateless_fold_in(
+          epoch_seed, position + process * 2**40)
+      crop_seed, flip_seed = tf.unstack(
+          tf.random.experimental.stateless_split(example_seed, 2))
+      image = tf.io.decode_image(example['image'], channels=3,
+                                 expand_animations=False)
+      image = random_resized_crop(image, crop_seed, data_config.image_size,
+                                  data_config.crop_scale)
+      image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+      return {'image': image, 'label': tf.cast(example['label'], tf.int32)}
+
+    ds = base.shuffle(data_config.shuffle_buffer,
+                      seed=((process * 1_000_003 + seed) * 100_003 + epoch) % 2**31,
+                      reshuffle_each_iteration=False)
+    ds = ds.take(steps_per_epoch * local_batch).enumerate().skip(skip * local_batch)
+    ds = ds.map(crop, num_parallel_calls=tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.deterministic = True
+    ds = ds.batch(local_batch, drop_remainder=True).with_options(options)
+    yield from ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+    epoch, skip = epoch + 1, 0

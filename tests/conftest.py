@@ -69,3 +69,22 @@ def smoke_config(data_dir, **overrides):
 _CACHE = os.path.join(REPO, '.pytest_cache', 'jax_compilation_cache')
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', _CACHE)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+
+
+@pytest.fixture(scope='session')
+def smoke_pretrain_dir(tiny_data_dir, tmp_path_factory):
+  """A pretraining workdir of the smoke config with checkpoints at steps 0, 2, 4.
+
+  Step 0 (the initialisation, saved before training) separates the tiny
+  classes better than step 4, whose BN running statistics have moved only
+  part of the way (momentum 0.9) towards the activations' statistics.
+  """
+  from moco_jax import checkpointing, train
+  workdir = str(tmp_path_factory.mktemp('pretrain'))
+  config = smoke_config(tiny_data_dir, **{'train.keep_checkpoints': 3})
+  checkpointer = checkpointing.Checkpointer(workdir, keep=3)
+  checkpointer.save(0, train.Experiment(config).init_state(), config.to_dict())
+  checkpointer.wait()
+  checkpointer.close()
+  train.train_and_evaluate(config, workdir)                 # resumes at step 0
+  return workdir

@@ -1,0 +1,51 @@
+"""The base configuration of linear evaluation (configs/lincls_*.py derive from it).
+
+The protocol of MoCo v1/v2 (arXiv:1911.05722 §4.1): frozen backbone with BN in
+inference mode, a new linear layer (weights N(0, 0.01), bias 0), SGD lr 30,
+momentum 0.9, no weight decay, batch 256, 100 epochs, ×0.1 at epochs 60 and 80.
+Section and key names follow pretraining's (`data`, `optim`, `train`, `eval`);
+the model comes from the pretraining run's saved config.
+"""
+import ml_collections
+
+
+def lincls_base_config() -> ml_collections.ConfigDict:
+  """ImageNet linear evaluation at 224 (RandomResizedCrop + flip; 256/224 center crop)."""
+  c = ml_collections.ConfigDict()
+  c.pretrained = ''                # a moco_jax pretraining workdir (required)
+  c.pretrained_step = -1           # its checkpoint; -1: the newest (kept on resume)
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = 'imagenet2012'  # any TFDS name with labels
+  c.data.data_dir = ''             # '' = TFDS's default (TFDS_DATA_DIR)
+  c.data.train_split = 'train'
+  c.data.eval_split = 'validation'
+  c.data.image_size = 224
+  c.data.crop_scale = (0.08, 1.0)  # RandomResizedCrop's default
+  c.data.normalization = ''        # '' = the pretraining's mean/std
+  c.data.shuffle_buffer = 50_000
+  c.data.cache = False
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = 'sgd'
+  c.optim.base_lr = 30.0
+  c.optim.scale_lr = False         # True: base_lr is per 256 images, scaled by the batch
+  c.optim.momentum = 0.9
+  c.optim.weight_decay = 0.0
+  c.optim.schedule = 'step'
+  c.optim.lr_drop_epochs = (60, 80)
+  c.optim.warmup_epochs = 0.0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 256         # global
+  c.train.num_epochs = 100
+  c.train.num_steps = -1           # > 0 overrides num_epochs
+  c.train.log_every = 100
+  c.train.checkpoint_every = 1000
+  c.train.keep_checkpoints = 2
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_epochs = 1          # top-1/top-5 on data.eval_split; 0 = only at the end
+  c.eval.batch_size = 512          # global
+  return c

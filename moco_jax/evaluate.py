@@ -1,0 +1,248 @@
+"""The kNN monitor of the MoCo CIFAR-10 demo, batched and on the device.
+
+Bank: L2-normalised backbone features of the training split (evaluation
+transform, BN in inference mode). Each evaluation image takes its top-k
+cosine neighbours in the bank, weighs each by exp(similarity / t), sums the
+weights per class and predicts the arg-max.
+
+The bank stays sharded over the 'data' mesh axis (a 1.28M × 2048 bank is
+10 GB in float32): every device finds the top-k of each evaluation batch
+among its own bank rows, chunk by chunk, and the devices' candidates are
+merged into the global top-k.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from moco_jax import augment, input_pipeline
+from moco_jax.config_checks import ConfigError
+from moco_jax.models import resnet
+from moco_jax.train_step import AXIS
+
+# Bank rows compared with an evaluation batch at a time: a (batch, chunk)
+# float32 similarity block, 16 MB for a batch of 512.
+DEFAULT_CHUNK = 8192
+
+
+def l2_normalize(x, eps=1e-12):
+  """Rows of (N, F) to unit length (F.normalize's eps)."""
+  norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
+  return x / jnp.maximum(norm, eps)
+
+
+def knn_topk(test_features, bank_features, bank_labels, k: int, chunk: int,
+             bank_mask=None):
+  """The k most similar bank rows of each test row, scanning the bank in chunks.
+
+  Args:
+    test_features: (T, F) L2-normalised.
+    bank_features: (M, F) L2-normalised.
+    bank_labels: (M,) int.
+    k: neighbours to keep. With fewer than k valid bank rows, the missing
+      neighbours have similarity -inf (weight 0 in `knn_vote`).
+    chunk: bank rows per similarity block (any size; the last block is
+      smaller when it does not divide M).
+    bank_mask: optional (M,) bool; False rows (padding) are never chosen.
+
+  Returns:
+    (similarities (T, k) float32, descending; labels (T, k) int32).
+  """
+  num_test, num_bank = test_features.shape[0], bank_features.shape[0]
+  chunk = max(1, min(chunk, num_bank))
+  bank_labels = bank_labels.astype(jnp.int32)
+  if bank_mask is None:
+    bank_mask = jnp.ones((num_bank,), bool)
+
+  def merge(best, start, size):
+    best_sims, best_labels = best
+    rows = lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=0)
+    sims = jnp.dot(test_features, rows(bank_features).T,
+                   preferred_element_type=jnp.float32)
+    sims = jnp.where(rows(bank_mask)[None, :], sims, -jnp.inf)
+    labels = jnp.broadcast_to(rows(bank_labels)[None, :], sims.shape)
+    sims = jnp.concatenate([best_sims, sims], axis=1)
+    labels = jnp.concatenate([best_labels, labels], axis=1)
+    top_sims, where = jax.lax.top_k(sims, k)
+    return top_sims, jnp.take_along_axis(labels, where, axis=1)
+
+  best = (jnp.full((num_test, k), -jnp.inf, jnp.float32),
+          jnp.zeros((num_test, k), jnp.int32))
+  full_chunks, rest = divmod(num_bank, chunk)
+  best = jax.lax.fori_loop(0, full_chunks,
+                           lambda i, best: merge(best, i * chunk, chunk), best)
+  if rest:
+    best = merge(best, full_chunks * chunk, rest)
+  return best
+
+
+def knn_vote(similarities, labels, num_classes: int, temperature: float):
+  """Weighted vote: arg-max over classes of sum of exp(similarity / t).
+
+  similarities, labels: (T, k) from `knn_topk`. Returns (T,) int32.
+  """
+  # Subtracting each row's best similarity rescales its weights by a
+  # constant (same arg-max) and keeps exp() finite for small t.
+  shifted = similarities - similarities[:, :1]
+  weights = jnp.exp(shifted / temperature)
+  rows = jnp.arange(labels.shape[0])[:, None]
+  scores = jnp.zeros((labels.shape[0], num_classes), jnp.float32)
+  scores = scores.at[rows, labels].add(weights)
+  return jnp.argmax(scores, axis=1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=('num_classes', 'k', 'chunk'))
+def knn_predict(test_features, bank_features, bank_labels, num_classes: int,
+                k: int = 200, temperature: float = 0.1, chunk: int = DEFAULT_CHUNK):
+  """kNN class predictions of the MoCo CIFAR demo.
+
+  Args:
+    test_features: (T, F) L2-normalised features.
+    bank_features: (M, F) L2-normalised features of the labelled bank.
+    bank_labels: (M,) int labels in [0, num_classes).
+    num_classes: number of classes.
+    k: neighbours (200 in the demo).
+    temperature: weight of a neighbour is exp(similarity / temperature).
+    chunk: bank rows compared at a time (memory (T, chunk + k)).
+
+  Returns:
+    (T,) int32 predicted labels.
+  """
+  similarities, labels = knn_topk(test_features, bank_features, bank_labels, k, chunk)
+  return knn_vote(similarities, labels, num_classes, temperature)
+
+
+def backbone_from_config(config: ml_collections.ConfigDict):
+  """The pretraining config's ResNet backbone (for inference, no BN groups)."""
+  model = config.model
+  return resnet(model.arch, width_multiplier=model.width_multiplier,
+                cifar_stem=model.cifar_stem, dtype=jnp.dtype(config.dtype),
+                conv_impl=model.get('conv_impl', 'xla'))
+
+
+def features_fn(backbone, mean, std):
+  """f(params, batch_stats, uint8 images (N, S, S, 3)) -> (N, F) unit rows,
+  with BN in inference mode."""
+  def features(params, batch_stats, images):
+    x = augment.normalize(images, mean, std)
+    out = backbone.apply({'params': params, 'batch_stats': batch_stats}, x,
+                         train=False)
+    return l2_normalize(out.astype(jnp.float32))
+  return features
+
+
+class KnnEvaluator:
+  """kNN top-1 of a backbone: bank = data.train_split, queries = data.eval_split.
+
+  Usage: `KnnEvaluator(config, mesh)(params['backbone'],
+  batch_stats['backbone'])` -> {'knn_top1': percent}. The evaluation batch
+  (`eval.batch_size`, global) must be divisible by the mesh size. Datasets
+  are opened once, so calling it every epoch re-reads (or, with data.cache,
+  reuses) the same images.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh,
+               chunk: int = DEFAULT_CHUNK):
+    batch, devices = config.eval.batch_size, mesh.size
+    if batch <= 0 or batch % devices:
+      raise ConfigError(f'eval.batch_size={batch} must be a positive multiple of '
+                       f'the {devices} devices')
+    self.config, self.mesh = config, mesh
+    self.k, self.temperature, self.chunk = config.eval.knn_k, config.eval.knn_t, chunk
+    self.num_classes = input_pipeline.dataset_info(config.data).num_classes
+    if self.num_classes <= 0:
+      raise input_pipeline.DatasetError(
+          f'data.dataset {config.data.dataset!r} has no class labels for kNN')
+    local_batch = batch // jax.process_count()
+    self.bank_batches = input_pipeline.eval_batches(
+        config.data, config.data.train_split, local_batch)
+    self.test_batches = input_pipeline.eval_batches(
+        config.data, config.data.eval_split, local_batch)
+    mean, std = augment.MEAN_STD[config.data.normalization]
+    backbone = backbone_from_config(config)
+    self.num_features = backbone.num_features
+    self.features = features_fn(backbone, mean, std)
+    self._sharded = NamedSharding(mesh, P(AXIS))
+    self._bank_sharding = NamedSharding(mesh, P(None, AXIS))
+    self._store = self._make_store()
+    self._classify = self._make_classify()
+
+  def _make_store(self):
+    """Jitted: write one batch's features into row `index` of the bank."""
+    def store(bank, params, batch_stats, images, labels, mask, index):
+      features, bank_labels, bank_mask = bank
+      put = lambda rows, new: jax.lax.dynamic_update_index_in_dim(rows, new, index, 0)
+      return (put(features, self.features(params, batch_stats, images)),
+              put(bank_labels, labels), put(bank_mask, mask))
+
+    bank_spec = (P(None, AXIS),) * 3
+    mapped = jax.shard_map(
+        store, mesh=self.mesh, out_specs=bank_spec,
+        in_specs=(bank_spec, P(), P(), P(AXIS), P(AXIS), P(AXIS), P()))
+    return jax.jit(mapped, donate_argnums=(0,))
+
+  def _make_classify(self):
+    """Jitted: predictions for one global batch, from the sharded bank."""
+    def classify(bank, params, batch_stats, images, labels, mask):
+      features, bank_labels, bank_mask = (x.reshape((-1,) + x.shape[2:]) for x in bank)
+      queries = jax.lax.all_gather(self.features(params, batch_stats, images),
+                                   AXIS, tiled=True)
+      sims, neighbour_labels = knn_topk(queries, features, bank_labels, self.k,
+                                        self.chunk, bank_mask)
+      # Every device's local top-k, then the global top-k among them.
+      sims = jax.lax.all_gather(sims, AXIS, axis=1, tiled=True)
+      neighbour_labels = jax.lax.all_gather(neighbour_labels, AXIS, axis=1, tiled=True)
+      sims, where = jax.lax.top_k(sims, self.k)
+      neighbour_labels = jnp.take_along_axis(neighbour_labels, where, axis=1)
+      predictions = knn_vote(sims, neighbour_labels, self.num_classes, self.temperature)
+      gather = lambda x: jax.lax.all_gather(x, AXIS, tiled=True)
+      return predictions, gather(labels), gather(mask)
+
+    mapped = jax.shard_map(
+        classify, mesh=self.mesh, out_specs=(P(), P(), P()),
+        in_specs=((P(None, AXIS),) * 3, P(), P(), P(AXIS), P(AXIS), P(AXIS)),
+        check_vma=False)
+    return jax.jit(mapped)
+
+  def _global(self, local):
+    return jax.make_array_from_process_local_data(self._sharded, local)
+
+  def bank(self, params, batch_stats):
+    """Features of the whole training split, sharded over devices.
+
+    Returns:
+      (features (B, global_batch, F) float32, labels (B, global_batch) int32,
+       mask (B, global_batch) bool) with B batches; padding has mask False.
+    """
+    num_batches, global_batch = len(self.bank_batches), self.config.eval.batch_size
+    width = self.num_features
+    zeros = jax.jit(lambda: (jnp.zeros((num_batches, global_batch, width), jnp.float32),
+                             jnp.zeros((num_batches, global_batch), jnp.int32),
+                             jnp.zeros((num_batches, global_batch), bool)),
+                    out_shardings=(self._bank_sharding,) * 3)
+    bank = zeros()
+    for index, batch in enumerate(self.bank_batches):
+      bank = self._store(bank, params, batch_stats, self._global(batch['image']),
+                         self._global(batch['label']), self._global(batch['mask']),
+                         jnp.int32(index))
+    return bank
+
+  def predict(self, params, batch_stats):
+    """(labels, predictions): int32 NumPy arrays over the whole eval split."""
+    bank = self.bank(params, batch_stats)
+    labels, predictions = [], []
+    for batch in self.test_batches:
+      predicted, label, mask = jax.device_get(self._classify(
+          bank, params, batch_stats, self._global(batch['image']),
+          self._global(batch['label']), self._global(batch['mask'])))
+      labels.append(label[mask])
+      predictions.append(predicted[mask])
+    return np.concatenate(labels), np.concatenate(predictions)
+
+  def __call__(self, backbone_params, backbone_batch_stats) -> dict:
+    """{'knn_top1': percent of the eval split classified correctly}."""
+    labels, predictions = self.predict(backbone_params, backbone_batch_stats)
+    return {'knn_top1': 100.0 * float(np.mean(labels == predictions))}

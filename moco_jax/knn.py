@@ -1,0 +1,56 @@
+"""Command line: kNN top-1 of a pretraining run's checkpoint.
+
+  python -m moco_jax.knn --workdir=PRETRAIN_DIR [--step=N] [--config.eval.knn_k=20]
+
+Uses the config saved with the checkpoint (any value can be overridden, e.g.
+--config.data.data_dir=... when the data moved), prints knn_top1 and appends
+it to PRETRAIN_DIR/metrics.jsonl at the checkpoint's step.
+"""
+import os
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from moco_jax.config_base import base_config
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'A moco_jax pretraining workdir.')
+flags.DEFINE_integer('step', -1, 'Checkpoint step to evaluate; -1: the newest.')
+# Only the overridden values are used, applied to the checkpoint's config.
+config_flags.DEFINE_config_dict('config', base_config(),
+                                'Overrides of the saved config, e.g. --config.eval.knn_k=20.')
+flags.mark_flags_as_required(['workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  logging.set_verbosity(logging.WARNING)
+  import jax
+  from moco_jax import evaluate, pretrained, train_step
+  from moco_jax.config_checks import ConfigError
+  from moco_jax.input_pipeline import DatasetError
+  from moco_jax.metric_writer import MetricWriter
+  try:
+    step = pretrained.checkpoint_step(FLAGS.workdir, FLAGS.step)
+    config = pretrained.apply_overrides(pretrained.load_config(FLAGS.workdir, step),
+                                        config_flags.get_override_values(FLAGS['config']))
+    mesh = train_step.make_mesh()
+    evaluator = evaluate.KnnEvaluator(config, mesh)
+    run = pretrained.load(FLAGS.workdir, mesh, step, config)
+    metrics = evaluator(run.params, run.batch_stats)
+  except (pretrained.PretrainedError, DatasetError, ConfigError) as error:
+    print(f'error: {error}', file=sys.stderr)
+    sys.exit(2)
+  writer = MetricWriter(FLAGS.workdir, enabled=jax.process_index() == 0)
+  writer.write(step, metrics)
+  writer.close()
+  print(f'step {step}: knn_top1 {metrics["knn_top1"]:.2f} '
+        f'(k={config.eval.knn_k}, t={config.eval.knn_t})')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,103 @@
+"""A pretraining run's config and query-encoder backbone, read from its workdir."""
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from moco_jax import checkpointing, optim
+from moco_jax.models import build_encoder
+from moco_jax.state import create_state
+
+
+class PretrainedError(ValueError):
+  """The workdir holds no usable pretraining checkpoint."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+  """config: the run's saved config; step: the checkpoint's step;
+  params / batch_stats: f_q's backbone variables (replicated on the mesh)."""
+  config: ml_collections.ConfigDict
+  step: int
+  params: Any
+  batch_stats: Any
+
+
+def checkpoint_step(workdir: str, step: int | None = None) -> int:
+  """`step` if workdir has that checkpoint, else (None, -1) its newest.
+
+  Raises:
+    PretrainedError (one line) when there is no such checkpoint; nothing is
+    created on disk.
+  """
+  directory = os.path.join(workdir, checkpointing.CHECKPOINT_SUBDIR)
+  if not os.path.isdir(directory):
+    raise PretrainedError(f'{workdir!r} has no checkpoints (no {directory}); '
+                          f'give a moco_jax pretraining workdir')
+  checkpointer = checkpointing.Checkpointer(workdir)
+  steps = checkpointer.all_steps()
+  checkpointer.close()
+  if not steps:
+    raise PretrainedError(f'{workdir!r} has no complete checkpoint in {directory}')
+  if step is None or step < 0:
+    return max(steps)
+  if step not in steps:
+    raise PretrainedError(f'{workdir!r} has no checkpoint at step {step}; '
+                          f'available: {", ".join(map(str, sorted(steps)))}')
+  return step
+
+
+def load_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
+  """The config saved with the checkpoint at `step` (default: newest)."""
+  step = checkpoint_step(workdir, step)
+  checkpointer = checkpointing.Checkpointer(workdir)
+  config = checkpointer.restore_config(step)
+  checkpointer.close()
+  return ml_collections.ConfigDict(config)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict):
+  """Sets each dotted key of `overrides` (e.g. {'eval.knn_k': 20}) in config."""
+  for dotted, value in overrides.items():
+    *sections, key = dotted.split('.')
+    target = config
+    for section in sections:
+      target = target[section]
+    target[key] = value
+  return config
+
+
+def load(workdir: str, mesh, step: int | None = None,
+         config: ml_collections.ConfigDict | None = None) -> Pretrained:
+  """Restores f_q's backbone from `workdir`'s checkpoint at `step` (newest).
+
+  Args:
+    workdir: a moco_jax pretraining workdir.
+    mesh: the backbone variables are replicated over it.
+    step: checkpoint step; None or -1 for the newest.
+    config: the run's config if already loaded (e.g. with overrides).
+  """
+  step = checkpoint_step(workdir, step)
+  config = config or load_config(workdir, step)
+  encoder = build_encoder(config.model, config.moco.bn_splits,
+                          jnp.dtype(config.dtype), config.model.conv_impl)
+  # The optimiser's state layout does not depend on the schedule's values.
+  optimizer = optim.build_optimizer(config.optim, optax.constant_schedule(0.0))
+  shapes = jax.eval_shape(functools.partial(
+      create_state, encoder, optimizer, image_size=config.data.image_size,
+      queue_size=config.moco.queue_size, dim=config.model.dim,
+      bn_splits=config.moco.bn_splits), jax.random.PRNGKey(0))
+  replicated = NamedSharding(mesh, P())
+  abstract = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
+  checkpointer = checkpointing.Checkpointer(workdir)
+  state = checkpointer.restore(abstract, step)
+  checkpointer.close()
+  return Pretrained(config=config, step=step, params=state.params['backbone'],
+                    batch_stats=state.batch_stats['backbone'])

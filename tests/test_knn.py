@@ -1,0 +1,123 @@
+"""kNN monitor: the vote against a NumPy reference; the sharded evaluator; the CLI."""
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO, smoke_config
+from moco_jax import evaluate, train_step
+from moco_jax.config_checks import ConfigError
+from moco_jax.metric_writer import read_metrics
+from moco_jax.models import build_encoder
+
+
+def reference_knn(test, bank, bank_labels, num_classes, k, temperature):
+  """The CIFAR demo's knn_predict, literally, in NumPy (float64)."""
+  sims = test.astype(np.float64) @ bank.astype(np.float64).T
+  order = np.argsort(-sims, axis=1)[:, :k]
+  weights = np.exp(np.take_along_axis(sims, order, axis=1) / temperature)
+  one_hot = np.eye(num_classes)[bank_labels[order]]            # (T, k, C)
+  return np.argmax((one_hot * weights[..., None]).sum(axis=1), axis=1)
+
+
+def unit_rows(rng, n, dim):
+  x = rng.normal(size=(n, dim)).astype(np.float32)
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize('k,temperature,chunk', [
+    (1, 0.1, 7), (5, 0.1, 64), (20, 0.07, 33), (37, 0.5, 1000), (100, 0.1, 100)])
+def test_knn_predict_matches_brute_force(k, temperature, chunk):
+  rng = np.random.default_rng(k)
+  bank, test = unit_rows(rng, 100, 12), unit_rows(rng, 30, 12)
+  # Random labels: for k > 1 the weighted vote, not the nearest row, decides.
+  bank_labels = rng.integers(0, 6, 100)
+  got = evaluate.knn_predict(test, bank, bank_labels, num_classes=6, k=k,
+                             temperature=temperature, chunk=chunk)
+  want = reference_knn(test, bank, bank_labels, 6, k, temperature)
+  np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_knn_topk_ignores_masked_rows_and_pads_missing_neighbours():
+  rng = np.random.default_rng(0)
+  bank, test = unit_rows(rng, 10, 4), unit_rows(rng, 3, 4)
+  mask = np.arange(10) < 4
+  sims, labels = evaluate.knn_topk(test, bank, np.arange(10), k=6, chunk=3,
+                                   bank_mask=mask)
+  sims, labels = np.asarray(sims), np.asarray(labels)
+  assert np.all(labels[:, :4] < 4) and np.all(np.isneginf(sims[:, 4:]))
+  np.testing.assert_allclose(sims[:, :4], -np.sort(-(test @ bank[:4].T), axis=1),
+                             rtol=1e-6)
+
+
+def backbone_variables(config, seed=0):
+  """Random He-scaled backbone variables, without compiling flax's init."""
+  encoder = build_encoder(config.model, config.moco.bn_splits)
+  images = jax.ShapeDtypeStruct((2,) + (config.data.image_size,) * 2 + (3,), np.float32)
+  shapes = jax.eval_shape(lambda x: encoder.init(jax.random.PRNGKey(0), x, train=False),
+                          images)
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if 'kernel' in name:
+      fan_in = np.prod(leaf.shape[:-1])
+      return rng.normal(0, np.sqrt(2 / fan_in), leaf.shape).astype(np.float32)
+    return (np.ones if 'scale' in name or 'var' in name else np.zeros)(
+        leaf.shape, np.float32)
+
+  variables = jax.tree_util.tree_map_with_path(fill, shapes)
+  return variables['params']['backbone'], variables['batch_stats']['backbone']
+
+
+def test_evaluator_is_a_percent_and_padding_changes_nothing(tiny_data_dir):
+  mesh = train_step.make_mesh()                                   # 8 fake devices
+  params, batch_stats = backbone_variables(smoke_config(tiny_data_dir))
+  results = []
+  # 64 train / 32 test examples: a batch of 24 leaves partial, padded batches.
+  for batch_size in (24, 64):
+    config = smoke_config(tiny_data_dir, **{'eval.batch_size': batch_size,
+                                            'eval.knn_k': 10})
+    evaluator = evaluate.KnnEvaluator(config, mesh)
+    labels, predictions = evaluator.predict(params, batch_stats)
+    assert labels.shape == predictions.shape == (32,)
+    results.append((labels, predictions))
+  np.testing.assert_array_equal(results[0][0], results[1][0])
+  np.testing.assert_array_equal(results[0][1], results[1][1])
+  top1 = evaluator(params, batch_stats)['knn_top1']
+  assert top1 == pytest.approx(100 * np.mean(labels == predictions))
+  # The classes are separable by colour: even a random backbone's neighbours
+  # mostly share the query's class.
+  assert top1 > 50
+
+
+def test_evaluator_rejects_a_batch_the_devices_cannot_split(tiny_data_dir):
+  config = smoke_config(tiny_data_dir, **{'eval.batch_size': 12})
+  with pytest.raises(ConfigError, match='eval.batch_size=12'):
+    evaluate.KnnEvaluator(config, train_step.make_mesh())
+
+
+def run_knn_cli(*args):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one device
+  return subprocess.run([sys.executable, '-m', 'moco_jax.knn', *args], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_knn_cli_appends_knn_top1_at_the_checkpoint_step(smoke_pretrain_dir):
+  result = run_knn_cli(f'--workdir={smoke_pretrain_dir}', '--step=2',
+                       '--config.eval.knn_k=10', '--config.eval.batch_size=24')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'knn_top1' in result.stdout and 'k=10' in result.stdout
+  last = read_metrics(smoke_pretrain_dir)[-1]
+  assert last['step'] == 2 and 0 <= last['knn_top1'] <= 100
+
+
+def test_knn_cli_without_checkpoints_is_one_clear_line(tmp_path):
+  result = run_knn_cli(f'--workdir={tmp_path}')
+  assert result.returncode == 2
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1 and 'has no checkpoints' in errors[0], result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr and os.listdir(tmp_path) == []
