@@ -59,7 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.knn_every = 0             # epochs between kNN evaluations; 0 = never
+  c.eval.knn_every = 0.0           # epochs between kNN evaluations; 0 = never
   c.eval.knn_at_start = False      # also evaluate the random init at step 0
   c.eval.batch_size = 512          # feature-extraction batch (global)
   c.eval.knn_k = 200

@@ -15,8 +15,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from moco_jax import (augment, checkpointing, import_weights, input_pipeline, optim,
-                      preemption, train_step)
+from moco_jax import (augment, checkpointing, evaluate, import_weights,
+                      input_pipeline, optim, preemption, train_step)
 from moco_jax.config_checks import check_config
 from moco_jax.metric_writer import MetricWriter
 from moco_jax.models import build_encoder
@@ -142,6 +142,24 @@ def _check_finite(metrics: dict, step: int, checkpointer) -> None:
       f'(lower optim.base_lr or add optim.warmup_epochs)')
 
 
+def knn_monitor(config, experiment: Experiment):
+  """The kNN evaluator when eval.knn_every > 0 or eval.knn_at_start, else None.
+
+  Built before anything compiles: a bad eval.batch_size or eval split fails
+  fast (ConfigError, DatasetError).
+  """
+  if config.eval.knn_every <= 0 and not config.eval.knn_at_start:
+    return None
+  return evaluate.KnnEvaluator(config, experiment.mesh)
+
+
+def _log_knn(knn, state, step: int, writer, progress) -> dict:
+  metrics = knn(state.params['backbone'], state.batch_stats['backbone'])
+  writer.write(step, metrics)
+  progress.write(f'step {step}: knn_top1 {metrics["knn_top1"]:.2f}')
+  return metrics
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Pretrains MoCo; resumes from workdir's newest checkpoint if there is one.
 
@@ -157,6 +175,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     NonFiniteError: training diverged.
   """
   experiment = Experiment(config)
+  knn = knn_monitor(config, experiment)
+  # kNN every eval.knn_every epochs (fractions allowed) and at the last step.
+  knn_every = (max(1, round(config.eval.knn_every * experiment.epoch_steps))
+               if config.eval.knn_every > 0 else 0)
   checkpointer = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
   checkpointer.remove_unfinished_saves()
   state = restore_or_init(experiment, checkpointer)
@@ -172,6 +194,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   last_metrics = {}
   try:
     with preemption.StopRequests() as stop:
+      if knn is not None and config.eval.knn_at_start and start_step == 0:
+        last_metrics.update(_log_knn(knn, state, 0, writer, progress))
       window_start, window_steps = time.perf_counter(), 0
       for step in range(start_step, last_step):
         batch = next(batches)
@@ -195,6 +219,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           window_start, window_steps = time.perf_counter(), 0
         if save_due:
           checkpointer.save(done, state, config.to_dict())
+        # After the save is started: it completes while the kNN pass runs.
+        if knn_every > 0 and (done % knn_every == 0 or done == last_step) and not stopping:
+          knn_start = time.perf_counter()
+          last_metrics.update(_log_knn(knn, state, done, writer, progress))
+          window_start += time.perf_counter() - knn_start  # not training time
         progress.update(1)
         if stopping:
           progress.write(f'{stop.signal_name}: saved step {done} to '

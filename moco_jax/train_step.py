@@ -97,7 +97,7 @@ def per_device_step(state: MoCoState, images_q, images_k, *, encoder, optimizer,
       'top1': moco.positive_rank_accuracy(logits, 1),
       'top5': moco.positive_rank_accuracy(logits, 5),
   }, AXIS)
-  metrics['grad_norm'] = optax.global_norm(grads)
+  metrics['grad_norm'] = optax.tree.norm(grads)
   metrics['lr'] = jnp.asarray(schedule(state.step), jnp.float32)
   metrics['queue_ptr'] = queue_ptr
   return new_state, metrics

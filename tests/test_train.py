@@ -120,3 +120,11 @@ def test_bad_input_is_one_clear_line_and_touches_nothing(cli_workdir, tiny_data_
   assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-2000:]
   assert 'Traceback' not in result.stderr
   assert tree_digest(cli_workdir) == before
+
+
+def test_knn_monitor_runs_at_start_and_each_epoch(tiny_data_dir, tmp_path):
+  config = smoke_config(tiny_data_dir, **{'eval.knn_every': 1.0, 'eval.knn_at_start': True,
+                                          'eval.batch_size': 16, 'eval.knn_k': 10})
+  train.train_and_evaluate(config, str(tmp_path))
+  knn = [e for e in read_metrics(str(tmp_path)) if 'knn_top1' in e]
+  assert [e['step'] for e in knn] == [0, 4] and all(0 <= e['knn_top1'] <= 100 for e in knn)
