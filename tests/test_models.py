@@ -119,3 +119,77 @@ def test_encoder_heads():
   model.head = 'linear'
   variables = jax.eval_shape(lambda: build_encoder(model).init(jax.random.PRNGKey(0), x))
   assert variables['params']['head']['fc']['kernel'].shape == (64, 16)
+
+
+def _autodiff_batch_norm(x, scale, bias, num_groups, epsilon=1e-5):
+  """GroupedBatchNorm's training-mode maths in plain jnp, for autodiff."""
+  dtype = jnp.promote_types(x.dtype, jnp.float32)
+  grouped = x.astype(dtype).reshape((num_groups, -1) + x.shape[1:])
+  axes = tuple(range(1, grouped.ndim - 1))
+  mean = grouped.mean(axis=axes, keepdims=True)
+  var = jnp.square(grouped - mean).mean(axis=axes, keepdims=True)
+  y = (grouped - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias
+  flat = lambda s: s.reshape(num_groups, -1)
+  return y.reshape(x.shape).astype(x.dtype), flat(mean), flat(var)
+
+
+@pytest.mark.parametrize('shape,num_groups', [((16, 5, 5, 6), 1),
+                                              ((16, 5, 5, 6), 4),
+                                              ((12, 7), 3)])
+def test_batch_norm_vjp_matches_autodiff(shape, num_groups):
+  # The hand-written VJP, cotangents of all three outputs (y, group means,
+  # group variances), in float64 so that only the formulas are compared.
+  from moco_jax.models import batch_norm
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(3.0, 2.0, shape))
+    scale, bias = (jnp.asarray(rng.normal(1.0, 0.5, shape[-1])) for _ in '01')
+    stats_shape = (num_groups, shape[-1])
+    cotangents = (jnp.asarray(rng.normal(size=shape)),
+                  jnp.asarray(rng.normal(size=stats_shape)),
+                  jnp.asarray(rng.normal(size=stats_shape)))
+    ours = lambda x, s, b: batch_norm._normalize(x, s, b, num_groups, 1e-5,
+                                                 jnp.dtype(jnp.float64))
+    ref = lambda x, s, b: _autodiff_batch_norm(x, s, b, num_groups)
+    got, got_vjp = jax.vjp(ours, x, scale, bias)
+    want, want_vjp = jax.vjp(ref, x, scale, bias)
+    for name, a, b in zip(('y', 'mean', 'var'), got, want):
+      assert a.dtype == b.dtype == jnp.float64, name
+      np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12, err_msg=name)
+    for name, a, b in zip(('dx', 'dscale', 'dbias'), got_vjp(cotangents),
+                          want_vjp(cotangents)):
+      np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10, err_msg=name)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_batch_norm_module_gradients_match_autodiff(dtype):
+  x = jnp.asarray(np.random.default_rng(1).normal(-2.0, 3.0, (16, 4, 4, 8)),
+                  dtype)
+  bn = GroupedBatchNorm(num_groups=4)
+  variables = bn.init(jax.random.PRNGKey(0), x)
+  params = {'scale': jnp.linspace(0.5, 2, 8), 'bias': jnp.linspace(-1, 1, 8)}
+  weights = jnp.asarray(np.random.default_rng(2).normal(size=x.shape))
+
+  def loss(module_or_ref, params, x):
+    if module_or_ref == 'module':
+      y, _ = bn.apply({'params': params,
+                       'batch_stats': variables['batch_stats']}, x,
+                      mutable=['batch_stats'])
+    else:
+      y = _autodiff_batch_norm(x, params['scale'], params['bias'], 4)[0]
+    assert y.dtype == dtype
+    return jnp.sum(jax.nn.relu(y.astype(jnp.float32)) * weights)
+
+  got = jax.jit(jax.grad(lambda p, x: loss('module', p, x), (0, 1)))(params, x)
+  want = jax.jit(jax.grad(lambda p, x: loss('ref', p, x), (0, 1)))(params, x)
+  tol = 1e-4 if dtype == jnp.float32 else 2e-2
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert a.dtype == b.dtype
+    np.testing.assert_allclose(np.asarray(a, np.float32),
+                               np.asarray(b, np.float32), rtol=tol,
+                               atol=tol * float(jnp.abs(b).max()))
+
+
+def test_cpu_tuning_is_a_no_op_off_cpu():
+  from moco_jax import cpu_tuning
+  assert cpu_tuning.apply(backend='gpu') is False
