@@ -61,6 +61,13 @@ def config_problems(config, num_devices: int) -> list[str]:
     problems.append(f'model.width_multiplier={config.model.width_multiplier} must be > 0')
   if config.model.dim <= 0:
     problems.append(f'model.dim={config.model.dim} must be positive')
+  return problems + train_section_problems(config)
+
+
+def train_section_problems(config) -> list[str]:
+  """Problems with the `train` section's run length and intervals (shared by
+  pretraining and linear evaluation)."""
+  problems = []
   if config.train.num_steps <= 0 and config.train.num_epochs <= 0:
     problems.append('train.num_epochs or train.num_steps must be positive')
   for key in ('log_every', 'checkpoint_every', 'keep_checkpoints'):

@@ -98,6 +98,21 @@ def _load_split(data_config, split):
                    shuffle_files=False)
 
 
+def _process_train_split(data_config, local_batch: int):
+  """This process's part of the training split (cached if configured) and
+  the number of full local batches in it per epoch."""
+  split = tfds.split_for_jax_process(data_config.train_split, drop_remainder=True)
+  base = _load_split(data_config, split)
+  num_local = int(base.cardinality())
+  steps_per_epoch = num_local // local_batch
+  if steps_per_epoch == 0:
+    raise DatasetError(f'train.batch_size gives {local_batch} images per process '
+                       f'but this process has only {num_local} examples')
+  if data_config.cache:
+    base = base.cache()
+  return base, steps_per_epoch
+
+
 def pretrain_batches(data_config, local_batch: int, seed: int,
                      start_step: int = 0) -> Iterator[dict]:
   """Endless iterator of this process's pretraining batches.
@@ -114,15 +129,7 @@ def pretrain_batches(data_config, local_batch: int, seed: int,
     {'images_q': (local_batch, S, S, 3) uint8, 'images_k': same,
      'label': (local_batch,) int64} with S = data.image_size.
   """
-  split = tfds.split_for_jax_process(data_config.train_split, drop_remainder=True)
-  base = _load_split(data_config, split)
-  num_local = int(base.cardinality())
-  steps_per_epoch = num_local // local_batch
-  if steps_per_epoch == 0:
-    raise DatasetError(f'train.batch_size gives {local_batch} images per process '
-                       f'but this process has only {num_local} examples')
-  if data_config.cache:
-    base = base.cache()
+  base, steps_per_epoch = _process_train_split(data_config, local_batch)
   epoch, skip = divmod(start_step, steps_per_epoch)
   while True:
     for batch in _epoch_dataset(base, data_config, local_batch, seed, epoch,
@@ -278,15 +285,7 @@ def labelled_batches(data_config, local_batch: int, seed: int,
   Yields:
     {'image': (local_batch, S, S, 3) uint8, 'label': (local_batch,) int32}.
   """
-  split = tfds.split_for_jax_process(data_config.train_split, drop_remainder=True)
-  base = _load_split(data_config, split)
-  num_local = int(base.cardinality())
-  steps_per_epoch = num_local // local_batch
-  if steps_per_epoch == 0:
-    raise DatasetError(f'train.batch_size gives {local_batch} images per process '
-                       f'but this process has only {num_local} examples')
-  if data_config.cache:
-    base = base.cache()
+  base, steps_per_epoch = _process_train_split(data_config, local_batch)
   epoch, skip = divmod(start_step, steps_per_epoch)
   process = jax.process_index()
   while True:

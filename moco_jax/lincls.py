@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moco_jax import (augment, checkpointing, evaluate, input_pipeline, optim,
                       pretrained, train)
-from moco_jax.config_checks import ConfigError
+from moco_jax.config_checks import ConfigError, train_section_problems
 from moco_jax.metric_writer import MetricWriter
 from moco_jax.train_step import AXIS, make_mesh
 
@@ -75,12 +75,7 @@ def config_problems(config, num_devices: int, num_classes: int) -> list[str]:
   if config.optim.schedule not in optim.SCHEDULES:
     problems.append(f'optim.schedule={config.optim.schedule!r} is not one of '
                     f'{", ".join(optim.SCHEDULES)}')
-  if config.train.num_steps <= 0 and config.train.num_epochs <= 0:
-    problems.append('train.num_epochs or train.num_steps must be positive')
-  for key in ('log_every', 'checkpoint_every', 'keep_checkpoints'):
-    if config.train[key] <= 0:
-      problems.append(f'train.{key}={config.train[key]} must be positive')
-  return problems
+  return problems + train_section_problems(config)
 
 
 def _logits_fn(backbone, head, mean, std):
