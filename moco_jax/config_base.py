@@ -30,7 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.moco.bn_splits = 1             # BN groups per device (8 on one device = 8 GPUs)
 
   c.data = ml_collections.ConfigDict()
-  c.data.dataset = 'imagenet2012'  # any TFDS name
+  c.data.dataset = 'imagenet2012'  # a TFDS name, or folder:/path (a subfolder per class)
   c.data.data_dir = ''             # '' = TFDS's default (TFDS_DATA_DIR)
   c.data.train_split = 'train'
   c.data.eval_split = 'validation'
@@ -40,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.normalization = 'imagenet'  # mean/std: 'imagenet' or 'cifar10'
   c.data.shuffle_buffer = 50_000
   c.data.cache = False             # keep encoded images in memory (small sets)
+  c.data.fused_jpeg_crop = True    # decode JPEGs only inside each crop window
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = 'sgd'             # sgd, lars, adamw

@@ -17,7 +17,7 @@ def lincls_base_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()
-  c.data.dataset = 'imagenet2012'  # any TFDS name with labels
+  c.data.dataset = 'imagenet2012'  # a TFDS name, or folder:/path (a subfolder per class)
   c.data.data_dir = ''             # '' = TFDS's default (TFDS_DATA_DIR)
   c.data.train_split = 'train'
   c.data.eval_split = 'validation'
@@ -26,6 +26,7 @@ def lincls_base_config() -> ml_collections.ConfigDict:
   c.data.normalization = ''        # '' = the pretraining's mean/std
   c.data.shuffle_buffer = 50_000
   c.data.cache = False
+  c.data.fused_jpeg_crop = True    # decode JPEGs only inside each crop window
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = 'sgd'

@@ -1,166 +1,214 @@
-"""Host-side input: TFDS → decode → two random crops + flips (uint8) → batches.
+"""Host-side input: records -> decode -> two random crops + flips (uint8) -> batches.
 
 The colour part of the augmentation runs on the device (augment.py). The
 order of examples and every crop are functions of (seed, epoch, position), so
 a run resumed at step s sees exactly the batches an uninterrupted run would.
-Each process reads its own disjoint part of the split
-(tfds.split_for_jax_process) and yields its local share of the global batch.
+Each process reads its own disjoint part of the split (data_sources) and
+yields its local share of the global batch.
+
+JPEGs are decoded only inside each random crop (decode_and_crop_jpeg); other
+formats are decoded once per example and cropped twice. An image that cannot
+be read or decoded is skipped and counted (`skipped_images`), never a crash.
 """
-import dataclasses
-import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 import jax
 import numpy as np
 import tensorflow as tf
-import tensorflow_datasets as tfds
+
+from moco_jax.data_sources import (DatasetError, DatasetInfo, dataset_info,  # noqa: F401 (re-exported)
+                                   process_split)
 
 # Keep TensorFlow off accelerators and quiet; JAX owns the devices.
 tf.config.set_visible_devices([], 'GPU')
 
 
-class DatasetError(ValueError):
-  """The configured dataset cannot be read (bad name, missing data_dir, …)."""
+def crop_window(image_shape, seed, scale):
+  """torchvision RandomResizedCrop's window: area fraction in `scale`, aspect
+  3/4-4/3 (the whole image when 10 tries fail).
 
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  name: str
-  data_dir: str | None
-  num_examples: int   # in the training split, all processes together
-  num_classes: int
-
-
-def _data_dir(data_config) -> str | None:
-  return data_config.data_dir or None
-
-
-def dataset_info(data_config) -> DatasetInfo:
-  """Checks that the dataset is readable here and describes it.
-
-  Raises:
-    DatasetError with a one-line message naming the bad value.
+  image_shape: (3,) int32 (H, W, C); seed: (2,) int stateless seed.
+  Returns (begin, size): (3,) int32 each, [top, left, 0] and [h, w, -1].
   """
-  name, data_dir = data_config.dataset, _data_dir(data_config)
-  if data_dir is not None and not os.path.isdir(data_dir):
-    raise DatasetError(f'data.data_dir {data_dir!r} does not exist')
-  try:
-    builder = tfds.builder(name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError:
-    raise DatasetError(
-        f'unknown data.dataset {name!r}: not a TFDS dataset name (e.g. '
-        f'cifar10, imagenet2012) found in {data_dir or "TFDS data_dir"}') from None
-  splits = builder.info.splits
-  if data_config.train_split not in splits:
-    where = builder.data_dir
-    raise DatasetError(
-        f'data.dataset {name!r} has no prepared split '
-        f'{data_config.train_split!r} in {where} (prepare it with '
-        f'`tfds build {name} --data_dir=...`; available: {sorted(splits) or "none"})')
-  label = builder.info.features['label'] if 'label' in builder.info.features else None
-  return DatasetInfo(name=name, data_dir=data_dir,
-                     num_examples=splits[data_config.train_split].num_examples,
-                     num_classes=getattr(label, 'num_classes', 0) or 0)
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      image_shape, bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+      seed=seed, min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3),
+      area_range=tuple(scale), max_attempts=10,
+      use_image_if_no_bounding_boxes=True)
+  return begin, size
+
+
+def _resize(image, image_size):
+  resized = tf.image.resize(image, (image_size, image_size), antialias=True)
+  return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
 
 
 def random_resized_crop(image, seed, image_size, scale):
-  """torchvision RandomResizedCrop: area fraction in `scale`, aspect 3/4–4/3.
+  """A decoded image's random-resized crop.
 
   image: (H, W, 3) uint8; seed: (2,) int32 stateless seed.
   Returns (image_size, image_size, 3) uint8.
   """
-  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      tf.shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
-      seed=seed, min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3),
-      area_range=tuple(scale), max_attempts=10,
-      use_image_if_no_bounding_boxes=True)
-  crop = tf.slice(image, begin, size)
-  resized = tf.image.resize(crop, (image_size, image_size), antialias=True)
-  return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+  begin, size = crop_window(tf.shape(image), seed, scale)
+  return _resize(tf.slice(image, begin, size), image_size)
 
 
-def _two_views(example, seed, data_config):
-  """One example -> (view_q, view_k) uint8 crops, each randomly flipped."""
-  image = tf.io.decode_image(example['image'], channels=3, expand_animations=False)
-  seeds = tf.random.experimental.stateless_split(seed, 4)
-  views = []
-  for view in range(2):
-    crop = random_resized_crop(image, seeds[2 * view], data_config.image_size,
-                               data_config.crop_scale)
-    views.append(tf.image.stateless_random_flip_left_right(crop, seeds[2 * view + 1]))
-  return views
+def _decode(encoded):
+  """Any format TF reads (grayscale, RGBA, first GIF frame) -> (H, W, 3) uint8."""
+  return tf.io.decode_image(encoded, channels=3, expand_animations=False)
 
 
-def _load_split(data_config, split):
-  return tfds.load(data_config.dataset, split=split,
-                   data_dir=_data_dir(data_config),
-                   decoders={'image': tfds.decode.SkipDecoding()},
-                   shuffle_files=False)
+def decode_random_crops(encoded, seeds, image_size, scale, fused_jpeg=True):
+  """Random-resized crops of one encoded image, one per seed.
+
+  encoded: scalar tf.string; seeds: (V, 2) stateless seeds.
+  fused_jpeg: decode a JPEG only inside each crop window (the two views of
+    MoCo cover about 1.2 images' worth of pixels on average at scale
+    (0.2, 1)); otherwise decode once and crop V times.
+  Returns (V, image_size, image_size, 3) uint8; identical windows either way.
+  """
+  num_views = seeds.shape[0]
+
+  def decode_each_window():
+    shape = tf.image.extract_jpeg_shape(encoded)
+    crops = []
+    for view in range(num_views):
+      begin, size = crop_window(shape, seeds[view], scale)
+      window = tf.stack([begin[0], begin[1], size[0], size[1]])
+      crops.append(_resize(tf.image.decode_and_crop_jpeg(encoded, window, channels=3),
+                           image_size))
+    return tf.stack(crops)
+
+  def decode_once():
+    image = _decode(encoded)
+    return tf.stack([random_resized_crop(image, seeds[view], image_size, scale)
+                     for view in range(num_views)])
+
+  if not fused_jpeg:
+    return decode_once()
+  return tf.cond(tf.io.is_jpeg(encoded), decode_each_window, decode_once)
 
 
-def _process_train_split(data_config, local_batch: int):
-  """This process's part of the training split (cached if configured) and
-  the number of full local batches in it per epoch."""
-  split = tfds.split_for_jax_process(data_config.train_split, drop_remainder=True)
-  base = _load_split(data_config, split)
-  num_local = int(base.cardinality())
-  steps_per_epoch = num_local // local_batch
+def _two_views(encoded, seed, data_config):
+  """One encoded image -> (2, S, S, 3) uint8 crops, each randomly flipped."""
+  crop_seeds, flip_seeds = tf.split(tf.random.experimental.stateless_split(seed, 4), 2)
+  crops = decode_random_crops(encoded, crop_seeds, data_config.image_size,
+                              data_config.crop_scale,
+                              data_config.get('fused_jpeg_crop', True))
+  return tf.stack([tf.image.stateless_random_flip_left_right(crops[view], flip_seeds[view])
+                   for view in range(2)])
+
+
+def _one_view(encoded, seed, data_config):
+  """One encoded image -> (S, S, 3) uint8 random-resized crop, randomly flipped."""
+  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  crop = decode_random_crops(encoded, crop_seed[None], data_config.image_size,
+                             data_config.crop_scale,
+                             data_config.get('fused_jpeg_crop', True))[0]
+  return tf.image.stateless_random_flip_left_right(crop, flip_seed)
+
+
+def _train_split(data_config, local_batch: int):
+  """(records, load, steps_per_epoch) of this process's training split; the
+  loaded records are kept in memory with data.cache."""
+  split = process_split(data_config, data_config.train_split, drop_remainder=True)
+  steps_per_epoch = split.num_examples // local_batch
   if steps_per_epoch == 0:
     raise DatasetError(f'train.batch_size gives {local_batch} images per process '
-                       f'but this process has only {num_local} examples')
+                       f'but this process has only {split.num_examples} examples')
+  records, load = split.records, split.load
   if data_config.cache:
-    base = base.cache()
-  return base, steps_per_epoch
+    records, load = records.map(load, num_parallel_calls=tf.data.AUTOTUNE).cache(), None
+  return records, load, steps_per_epoch
+
+
+class TrainBatches:
+  """Endless iterator of this process's augmented training batches.
+
+  Epoch e shuffles the process's records with a seed of (seed, process, e)
+  and turns the example at position i into views with a seed of
+  (seed, e, process, i), so a run resumed at step s starts with the batch an
+  uninterrupted run would see there. Unreadable images are skipped; the
+  epoch fills up from the examples its full batches would otherwise drop.
+
+  Attributes:
+    skipped_images: images this process could not read or decode so far.
+  """
+
+  def __init__(self, data_config, local_batch: int, seed: int, start_step: int,
+               make_example: Callable):
+    self._records, self._load, self.steps_per_epoch = _train_split(
+        data_config, local_batch)
+    self._data_config, self._local_batch, self._seed = data_config, local_batch, seed
+    self._make_example = make_example
+    self.skipped_images = 0
+    self._epoch, skip = divmod(start_step, self.steps_per_epoch)
+    self._start_epoch(skip)
+
+  def _start_epoch(self, skip: int):
+    self._last_position = skip * self._local_batch - 1
+    self._batches = self._epoch_dataset(self._epoch, skip).as_numpy_iterator()
+
+  def _epoch_dataset(self, epoch: int, skip: int) -> tf.data.Dataset:
+    """The epoch's batches after the first `skip`."""
+    process, seed = jax.process_index(), self._seed
+    epoch_seed = tf.constant([seed, epoch], tf.int64)
+    ds = self._records.shuffle(
+        self._data_config.shuffle_buffer,
+        seed=((process * 1_000_003 + seed) * 100_003 + epoch) % 2**31,
+        reshuffle_each_iteration=False)
+    ds = ds.enumerate().skip(skip * self._local_batch)
+    load, make_example = self._load, self._make_example
+
+    def to_example(position, record):
+      example = load(record) if load is not None else record
+      example_seed = tf.random.experimental.stateless_fold_in(
+          epoch_seed, position + process * 2**40)
+      return dict(make_example(example, example_seed), position=position)
+
+    ds = ds.map(to_example, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+    ds = ds.batch(self._local_batch, drop_remainder=True)
+    ds = ds.take(self.steps_per_epoch - skip)
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    try:
+      batch = next(self._batches)
+    except StopIteration:
+      self._epoch += 1
+      self._start_epoch(0)
+      batch = next(self._batches)   # an epoch has at least one batch
+    positions = batch.pop('position')
+    self.skipped_images += int(positions[-1] - self._last_position) - len(positions)
+    self._last_position = int(positions[-1])
+    return batch
 
 
 def pretrain_batches(data_config, local_batch: int, seed: int,
-                     start_step: int = 0) -> Iterator[dict]:
-  """Endless iterator of this process's pretraining batches.
+                     start_step: int = 0) -> TrainBatches:
+  """Endless iterator of this process's pretraining batches (see TrainBatches).
 
   Args:
     data_config: the `data` config section.
     local_batch: images per batch on this process (global batch /
       process_count).
     seed: the run's seed.
-    start_step: batches already consumed (resume): iteration starts at the
-      batch an uninterrupted run would see at this step.
+    start_step: batches already consumed (resume).
 
   Yields:
     {'images_q': (local_batch, S, S, 3) uint8, 'images_k': same,
      'label': (local_batch,) int64} with S = data.image_size.
   """
-  base, steps_per_epoch = _process_train_split(data_config, local_batch)
-  epoch, skip = divmod(start_step, steps_per_epoch)
-  while True:
-    for batch in _epoch_dataset(base, data_config, local_batch, seed, epoch,
-                                skip, steps_per_epoch).as_numpy_iterator():
-      yield batch
-    epoch, skip = epoch + 1, 0
+  def two_views(example, example_seed):
+    views = _two_views(example['image'], example_seed, data_config)
+    return {'images_q': views[0], 'images_k': views[1], 'label': example['label']}
 
-
-def _epoch_dataset(base, data_config, local_batch, seed, epoch, skip,
-                   steps_per_epoch) -> tf.data.Dataset:
-  """One epoch's batches, starting after `skip` batches."""
-  epoch_seed = tf.constant([seed, epoch], tf.int64)
-  process_seed = jax.process_index() * 1_000_003 + seed
-  ds = base.shuffle(data_config.shuffle_buffer,
-                    seed=(process_seed * 100_003 + epoch) % 2**31,
-                    reshuffle_each_iteration=False)
-  ds = ds.take(steps_per_epoch * local_batch).enumerate()
-  ds = ds.skip(skip * local_batch)
-
-  def to_views(position, example):
-    example_seed = tf.random.experimental.stateless_fold_in(
-        epoch_seed, position + jax.process_index() * 2**40)
-    images_q, images_k = _two_views(example, example_seed, data_config)
-    return {'images_q': images_q, 'images_k': images_k,
-            'label': example.get('label', tf.constant(-1, tf.int64))}
-
-  ds = ds.map(to_views, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(local_batch, drop_remainder=True)
-  options = tf.data.Options()
-  options.deterministic = True
-  return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+  return TrainBatches(data_config, local_batch, seed, start_step, two_views)
 
 
 # ----------------------------------------------------------------------------
@@ -202,9 +250,9 @@ class EvalBatches:
 
   Iterable any number of times (with data.cache the decoded, resized images
   are kept in memory after the first pass). Each process reads its part of
-  the split (tfds.split_for_jax_process, nothing dropped) and yields the same
-  number of batches, `len(self)`, so that all processes run the same jitted
-  steps; padding examples are zeros with mask False.
+  the split (nothing dropped) and yields the same number of batches,
+  `len(self)`, so that all processes run the same jitted steps; padding
+  examples are zeros with mask False.
 
   Yields:
     {'image': (local_batch, S, S, 3) uint8, 'label': (local_batch,) int32,
@@ -215,27 +263,21 @@ class EvalBatches:
     if local_batch <= 0:
       raise DatasetError(f'evaluation batch of {local_batch} images per process '
                          f'must be positive')
-    builder = tfds.builder(data_config.dataset, data_dir=_data_dir(data_config))
-    if split not in builder.info.splits:
-      raise DatasetError(
-          f'data.dataset {data_config.dataset!r} has no prepared split {split!r} '
-          f'(available: {sorted(builder.info.splits) or "none"})')
-    self.num_examples = builder.info.splits[split].num_examples  # all processes
+    self.num_examples = dataset_info(data_config, split).num_examples  # all processes
     self.local_batch = local_batch
     self.image_size = data_config.image_size
     largest_part = -(-self.num_examples // jax.process_count())
     self._num_batches = -(-largest_part // local_batch)
-    ds = _load_split(data_config, tfds.split_for_jax_process(
-        split, drop_remainder=False))
+    part = process_split(data_config, split, drop_remainder=False)
 
-    def transform(example):
-      image = tf.io.decode_image(example['image'], channels=3,
-                                 expand_animations=False)
-      image = eval_transform(image, data_config.image_size)
+    def transform(record):
+      example = part.load(record)
+      image = eval_transform(_decode(example['image']), data_config.image_size)
       image.set_shape((data_config.image_size, data_config.image_size, 3))
       return {'image': image, 'label': tf.cast(example['label'], tf.int32)}
 
-    ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE)
+    # An unreadable image is left out (its batch is padded and masked).
+    ds = part.records.map(transform, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
     if data_config.cache:
       ds = ds.cache()
     options = tf.data.Options()
@@ -276,7 +318,7 @@ def eval_batches(data_config, split: str, local_batch: int) -> EvalBatches:
 
 
 def labelled_batches(data_config, local_batch: int, seed: int,
-                     start_step: int = 0) -> Iterator[dict]:
+                     start_step: int = 0) -> TrainBatches:
   """Endless iterator of augmented, labelled training batches (linear eval).
 
   Same order and resume semantics as `pretrain_batches`, one view per image:
@@ -285,31 +327,8 @@ def labelled_batches(data_config, local_batch: int, seed: int,
   Yields:
     {'image': (local_batch, S, S, 3) uint8, 'label': (local_batch,) int32}.
   """
-  base, steps_per_epoch = _process_train_split(data_config, local_batch)
-  epoch, skip = divmod(start_step, steps_per_epoch)
-  process = jax.process_index()
-  while True:
-    epoch_seed = tf.constant([seed, epoch], tf.int64)
+  def one_view(example, example_seed):
+    return {'image': _one_view(example['image'], example_seed, data_config),
+            'label': tf.cast(example['label'], tf.int32)}
 
-    def crop(position, example):
-      example_seed = tf.random.experimental.stateless_fold_in(
-          epoch_seed, position + process * 2**40)
-      crop_seed, flip_seed = tf.unstack(
-          tf.random.experimental.stateless_split(example_seed, 2))
-      image = tf.io.decode_image(example['image'], channels=3,
-                                 expand_animations=False)
-      image = random_resized_crop(image, crop_seed, data_config.image_size,
-                                  data_config.crop_scale)
-      image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-      return {'image': image, 'label': tf.cast(example['label'], tf.int32)}
-
-    ds = base.shuffle(data_config.shuffle_buffer,
-                      seed=((process * 1_000_003 + seed) * 100_003 + epoch) % 2**31,
-                      reshuffle_each_iteration=False)
-    ds = ds.take(steps_per_epoch * local_batch).enumerate().skip(skip * local_batch)
-    ds = ds.map(crop, num_parallel_calls=tf.data.AUTOTUNE)
-    options = tf.data.Options()
-    options.deterministic = True
-    ds = ds.batch(local_batch, drop_remainder=True).with_options(options)
-    yield from ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
-    epoch, skip = epoch + 1, 0
+  return TrainBatches(data_config, local_batch, seed, start_step, one_view)

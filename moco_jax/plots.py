@@ -188,10 +188,8 @@ def plot_retrieval(found: dict, class_names, path: str) -> str:
 
 
 def class_names(data_config):
-  import tensorflow_datasets as tfds
-  builder = tfds.builder(data_config.dataset, data_dir=data_config.data_dir or None)
-  label = builder.info.features['label']
-  return list(getattr(label, 'names', []) or [])
+  from moco_jax import data_sources
+  return list(data_sources.dataset_info(data_config).class_names)
 
 
 def main(argv):

@@ -153,6 +153,15 @@ def knn_monitor(config, experiment: Experiment):
   return evaluate.KnnEvaluator(config, experiment.mesh)
 
 
+def skipped_images(batches) -> int:
+  """Unreadable images skipped so far by the input of all processes."""
+  count = np.int64(batches.skipped_images)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    count = multihost_utils.process_allgather(count).sum()
+  return int(count)
+
+
 def _log_knn(knn, state, step: int, writer, progress) -> dict:
   metrics = knn(state.params['backbone'], state.batch_stats['backbone'])
   writer.write(step, metrics)
@@ -211,8 +220,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           _check_finite(metrics, done, checkpointer)
         if log_due:
           elapsed = time.perf_counter() - window_start
+          skipped = skipped_images(batches)
+          if skipped > last_metrics.get('skipped_images', 0):
+            progress.write(f'step {done}: skipped {skipped} unreadable images so far')
           last_metrics = dict(metrics, epoch=done / experiment.epoch_steps,
-                              images_per_sec=window_steps * config.train.batch_size / elapsed)
+                              images_per_sec=window_steps * config.train.batch_size / elapsed,
+                              skipped_images=skipped)
           writer.write(done, last_metrics)
           progress.set_postfix(loss=f'{last_metrics["loss"]:.3f}',
                                img_s=f'{last_metrics["images_per_sec"]:.0f}')

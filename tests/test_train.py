@@ -27,18 +27,18 @@ def test_resume_is_exact(tiny_data_dir, tmp_path, monkeypatch):
   straight, interrupted = str(tmp_path / 'straight'), str(tmp_path / 'interrupted')
   train.train_and_evaluate(config, straight)
 
-  real_batches = input_pipeline.pretrain_batches
+  real_next, served = input_pipeline.TrainBatches.__next__, []
 
-  def dies_after_two_batches(*args, **kwargs):
-    batches = real_batches(*args, **kwargs)
-    yield next(batches)
-    yield next(batches)
-    raise KeyboardInterrupt  # the user presses Ctrl-C during step 3
+  def dies_after_two_batches(batches):
+    if len(served) == 2:
+      raise KeyboardInterrupt  # the user presses Ctrl-C during step 3
+    served.append(1)
+    return real_next(batches)
 
-  monkeypatch.setattr(input_pipeline, 'pretrain_batches', dies_after_two_batches)
+  monkeypatch.setattr(input_pipeline.TrainBatches, '__next__', dies_after_two_batches)
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(config, interrupted)
-  monkeypatch.setattr(input_pipeline, 'pretrain_batches', real_batches)
+  monkeypatch.setattr(input_pipeline.TrainBatches, '__next__', real_next)
   assert checkpointing.Checkpointer(interrupted).all_steps() == [2]
   train.train_and_evaluate(config, interrupted)             # resumes at step 2
 

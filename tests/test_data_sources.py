@@ -1,0 +1,287 @@
+"""Datasets from folders of images, per-process splits, and the host-side crops."""
+import io
+import os
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from conftest import smoke_config
+from moco_jax import data_sources, input_pipeline
+from moco_jax.metric_writer import read_metrics
+
+CLASSES = ('cat', 'dog', 'zebra')
+
+
+def _save(path, array, fmt):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(array).save(path, format=fmt)
+
+
+def build_image_folder(root, per_class=6, seed=0, corrupt=True):
+  """A class-per-subfolder tree in every format, size and colour mode.
+
+  Each class is a solid colour plus noise. Besides the images: a truncated
+  JPEG (corrupt) in 'dog', a text file and a hidden file that must be
+  ignored. Returns {'root', 'paths': valid images per class, 'corrupt'}.
+  """
+  rng = np.random.default_rng(seed)
+  formats = [('JPEG', '.jpg'), ('PNG', '.png'), ('GIF', '.gif'), ('BMP', '.bmp'),
+             ('JPEG', '.JPEG'), ('PNG', '.png')]
+  paths = {}
+  for label, name in enumerate(CLASSES):
+    colour = np.array([80 * label, 255 - 80 * label, 128])
+    paths[name] = []
+    for index in range(per_class):
+      height, width = rng.integers(12, 60, 2)
+      rgb = np.clip(colour + rng.normal(0, 15, (height, width, 3)), 0, 255).astype(np.uint8)
+      fmt, ext = formats[index % len(formats)]
+      mode = index % 3
+      if mode == 1:
+        image = rgb.mean(-1).astype(np.uint8)                    # grayscale
+      elif mode == 2 and fmt == 'PNG':
+        image = np.dstack([rgb, np.full((height, width), 200, np.uint8)])  # RGBA
+      else:
+        image = rgb
+      path = os.path.join(root, name, 'sub' if index == 4 else '', f'{index:02d}{ext}')
+      _save(path, image, fmt)
+      paths[name].append(path)
+  corrupt_path = None
+  if corrupt:
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(buffer, format='JPEG')
+    corrupt_path = os.path.join(root, 'dog', 'zz_truncated.jpg')
+    with open(corrupt_path, 'wb') as f:
+      f.write(buffer.getvalue()[:100])
+  with open(os.path.join(root, 'cat', 'notes.txt'), 'w') as f:
+    f.write('not an image')
+  _save(os.path.join(root, 'cat', '.hidden.png'), np.zeros((4, 4, 3), np.uint8), 'PNG')
+  return {'root': str(root), 'paths': paths, 'corrupt': corrupt_path}
+
+
+@pytest.fixture(scope='module')
+def image_folder(tmp_path_factory):
+  return build_image_folder(tmp_path_factory.mktemp('folder') / 'images')
+
+
+def folder_config(root, **overrides):
+  config = smoke_config('', **overrides)
+  config.data.dataset = f'folder:{root}'
+  return config
+
+
+def test_folder_listing_labels_and_formats(image_folder):
+  config = folder_config(image_folder['root'])
+  info = data_sources.dataset_info(config.data)
+  assert info.class_names == CLASSES
+  valid = sum(len(v) for v in image_folder['paths'].values())
+  assert info.num_examples == valid + 1          # the corrupt file is listed
+  split = data_sources.process_split(config.data, 'train', drop_remainder=False)
+  records = list(split.records.as_numpy_iterator())
+  got = {r['path'].decode(): int(r['label']) for r in records}
+  expected = {p: CLASSES.index(name) for name, ps in image_folder['paths'].items()
+              for p in ps}
+  expected[image_folder['corrupt']] = CLASSES.index('dog')
+  assert got == expected
+
+
+def test_eval_batches_decode_every_format_and_skip_the_corrupt_file(image_folder):
+  config = folder_config(image_folder['root'], **{'data.image_size': 16})
+  batches = input_pipeline.eval_batches(config.data, 'train', 8)
+  images, labels = [], []
+  for batch in batches:
+    images.append(batch['image'][batch['mask']])
+    labels.append(batch['label'][batch['mask']])
+  images, labels = np.concatenate(images), np.concatenate(labels)
+  paths = image_folder['paths']
+  assert len(images) == sum(len(v) for v in paths.values())      # corrupt skipped
+  assert images.shape[1:] == (16, 16, 3) and images.dtype == np.uint8
+  split = data_sources.process_split(config.data, 'train', drop_remainder=False)
+  in_order = [r['path'].decode() for r in split.records.as_numpy_iterator()
+              if r['path'].decode() != image_folder['corrupt']]
+  # Each image against PIL's RGB conversion (grayscale replicated, alpha
+  # dropped, GIF palette applied), per channel.
+  for path, image, label in zip(in_order, images, labels):
+    assert CLASSES[label] == os.path.relpath(path, image_folder['root']).split(os.sep)[0]
+    reference = np.asarray(Image.open(path).convert('RGB').resize((16, 16)), np.float32)
+    np.testing.assert_allclose(image.astype(np.float32).mean((0, 1)),
+                               reference.mean((0, 1)), atol=6, err_msg=path)
+
+
+def test_pretrain_batches_skip_and_count_the_corrupt_file(image_folder):
+  config = folder_config(image_folder['root'], **{'data.image_size': 16})
+  total = data_sources.dataset_info(config.data).num_examples   # 18 valid + 1
+  batches = input_pipeline.pretrain_batches(config.data, 6, seed=0)
+  assert batches.steps_per_epoch == total // 6 == 3
+  epochs = 3
+  seen = [next(batches) for _ in range(epochs * batches.steps_per_epoch)]
+  assert all(b['images_q'].shape == (6, 16, 16, 3) for b in seen)
+  # An epoch needs all 18 valid images, so it reads the truncated JPEG unless
+  # the shuffle puts it last (then the epoch never gets to it).
+  assert epochs - 1 <= batches.skipped_images <= epochs
+  labels = np.concatenate([b['label'] for b in seen[:3]])
+  np.testing.assert_array_equal(np.bincount(labels), [6, 6, 6])  # each valid image once
+
+
+def test_resumed_folder_batches_match_uninterrupted(image_folder):
+  config = folder_config(image_folder['root'], **{'data.image_size': 16})
+  straight = input_pipeline.pretrain_batches(config.data, 4, seed=3)
+  reference = [next(straight) for _ in range(7)]    # crosses an epoch boundary
+  resumed = input_pipeline.pretrain_batches(config.data, 4, seed=3, start_step=5)
+  for expected in reference[5:]:
+    got = next(resumed)
+    for key in expected:
+      np.testing.assert_array_equal(got[key], expected[key])
+
+
+@pytest.mark.parametrize('layout, message', [
+    ('missing', 'is not a directory'),
+    ('empty', 'has no class subfolders'),
+    ('flat', 'found 2 images directly in it'),
+    ('no_images', 'no images'),
+])
+def test_unusable_folders_are_clear_errors(tmp_path, layout, message):
+  root = tmp_path / 'data'
+  if layout != 'missing':
+    root.mkdir()
+  if layout == 'flat':
+    for i in range(2):
+      _save(str(root / f'{i}.png'), np.zeros((4, 4, 3), np.uint8), 'PNG')
+  if layout == 'no_images':
+    (root / 'cat').mkdir()
+    (root / 'cat' / 'readme.txt').write_text('x')
+  config = folder_config(str(root))
+  with pytest.raises(data_sources.DatasetError, match=message):
+    data_sources.dataset_info(config.data)
+
+
+def test_eval_split_subfolders(tmp_path):
+  root = tmp_path / 'data'
+  build_image_folder(root / 'train', per_class=2, corrupt=False)
+  build_image_folder(root / 'val', per_class=1, seed=1, corrupt=False)
+  config = folder_config(str(root))
+  assert data_sources.dataset_info(config.data).num_examples == 6
+  assert data_sources.dataset_info(config.data, 'val').num_examples == 3
+  with pytest.raises(data_sources.DatasetError, match="no folder for split 'validation'"):
+    data_sources.dataset_info(config.data, 'validation')
+  (root / 'val' / 'unicorn').mkdir()
+  _save(str(root / 'val' / 'unicorn' / 'a.png'), np.zeros((4, 4, 3), np.uint8), 'PNG')
+  data_sources._scan.cache_clear()
+  with pytest.raises(data_sources.DatasetError, match='unicorn'):
+    data_sources.dataset_info(config.data, 'val')
+
+
+@pytest.mark.parametrize('source', ['folder', 'tfds'])
+def test_process_splits_are_disjoint_and_cover(source, image_folder, tiny_data_dir,
+                                               monkeypatch):
+  config = (folder_config(image_folder['root']) if source == 'folder'
+            else smoke_config(tiny_data_dir))
+  total = data_sources.dataset_info(config.data, 'train').num_examples
+  processes = 3
+  monkeypatch.setattr(jax, 'process_count', lambda: processes)
+
+  def part(index, drop_remainder):
+    monkeypatch.setattr(jax, 'process_index', lambda: index)
+    split = data_sources.process_split(config.data, 'train', drop_remainder)
+    records = [split.load(r) for r in split.records]
+    assert len(records) == split.num_examples
+    return [r['image'].numpy() for r in records]
+
+  covering = [part(i, drop_remainder=False) for i in range(processes)]
+  flat = [image for images in covering for image in images]
+  assert len(flat) == total and len(set(flat)) == total   # each image once
+  equal = [part(i, drop_remainder=True) for i in range(processes)]
+  assert {len(images) for images in equal} == {total // processes}
+  for i in range(processes):
+    for j in range(i + 1, processes):
+      assert not set(equal[i]) & set(equal[j])
+
+
+# ---- host-side crops ----------------------------------------------------------
+
+def test_fused_jpeg_crops_equal_decode_then_crop():
+  rng = np.random.default_rng(0)
+  smooth = tf.image.resize(rng.uniform(0, 255, (1, 12, 16, 3)), (150, 200)).numpy()[0]
+  encoded = tf.io.encode_jpeg(smooth.astype(np.uint8), quality=90)
+  seeds = tf.constant([[i, 7] for i in range(12)], tf.int32)
+  fused = input_pipeline.decode_random_crops(encoded, seeds, 32, (0.2, 1.0), True)
+  plain = input_pipeline.decode_random_crops(encoded, seeds, 32, (0.2, 1.0), False)
+  difference = np.abs(fused.numpy().astype(int) - plain.numpy().astype(int))
+  # libjpeg's chroma upsampling at the window's edge may differ by a level.
+  assert difference.mean() < 0.5 and difference.max() <= 8
+
+
+def _torchvision_crop_areas(height, width, scale, count, seed=0):
+  """Area fractions of torchvision's RandomResizedCrop, re-derived in NumPy:
+  area ~ U(scale) and log-aspect ~ U(log 3/4, log 4/3), 10 tries, then the
+  whole image (its aspect is within range here)."""
+  rng, areas = np.random.default_rng(seed), []
+  for _ in range(count):
+    for _ in range(10):
+      target = rng.uniform(*scale) * height * width
+      aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+      w, h = int(round(np.sqrt(target * aspect))), int(round(np.sqrt(target / aspect)))
+      if 0 < w <= width and 0 < h <= height:
+        areas.append(w * h / (height * width))
+        break
+    else:
+      areas.append(1.0)
+  return np.array(areas)
+
+
+def test_crop_window_statistics():
+  """Area fraction within the recipe's scale, aspect within [3/4, 4/3], and
+  the area distribution close to torchvision's RandomResizedCrop."""
+  shape, scale = tf.constant([375, 500, 3]), (0.2, 1.0)
+  areas, aspects = [], []
+  for i in range(600):
+    _, size = input_pipeline.crop_window(shape, tf.constant([i, 1]), scale)
+    height, width = int(size[0]), int(size[1])
+    areas.append(height * width / (375 * 500))
+    aspects.append(width / height)
+  areas, aspects = np.array(areas), np.array(aspects)
+  assert areas.min() >= 0.2 - 0.01 and areas.max() <= 1.0
+  assert areas.min() < 0.21 and areas.max() > 0.9          # the range is covered
+  # Integer sizes round the ratio slightly outside [3/4, 4/3].
+  assert aspects.min() >= 0.75 - 0.01 and aspects.max() <= 4 / 3 + 0.01
+  assert aspects.min() < 0.77 and aspects.max() > 1.3
+  # TensorFlow's sampler is not torchvision's (it draws the aspect, then the
+  # height): measured mean area 0.465 vs 0.494 on this shape.
+  reference = _torchvision_crop_areas(375, 500, scale, 20000)
+  assert abs(areas.mean() - reference.mean()) < 0.05
+  np.testing.assert_allclose(np.quantile(areas, [0.1, 0.5, 0.9]),
+                             np.quantile(reference, [0.1, 0.5, 0.9]), atol=0.07)
+
+
+def test_flip_fraction_is_half():
+  image = np.zeros((8, 8, 3), np.uint8)
+  image[:, :4] = 255                       # left half white
+  encoded = tf.io.encode_png(image)
+  data = folder_config('/').data
+  data.image_size, data.crop_scale = 8, (1.0, 1.0)
+  flipped = []
+  for i in range(600):
+    views = input_pipeline._two_views(encoded, tf.constant([i, 0], tf.int64), data)
+    flipped.extend(views[:, 0, 0, 0].numpy() < 128)       # left column dark
+  fraction, sigma = np.mean(flipped), np.sqrt(0.25 / len(flipped))
+  assert abs(fraction - 0.5) < 4 * sigma
+
+
+def test_cli_pretrains_on_a_folder_with_knn(tmp_path):
+  from test_train import run_cli
+  root = tmp_path / 'images'
+  build_image_folder(root / 'train', per_class=6)
+  build_image_folder(root / 'val', per_class=2, seed=1, corrupt=False)
+  workdir = tmp_path / 'run'
+  result = run_cli(workdir, '', f'--config.data.dataset=folder:{root}',
+                   '--config.data.eval_split=val', '--config.eval.knn_every=1',
+                   '--config.eval.knn_k=5', '--config.eval.batch_size=8')
+  assert result.returncode == 0, result.stderr[-3000:]
+  events = read_metrics(str(workdir))
+  training = [e for e in events if 'loss' in e]
+  assert [e['step'] for e in training] == [2, 4]
+  assert np.isfinite(training[-1]['loss'])
+  assert 0 <= training[-1]['skipped_images'] <= 4    # the truncated JPEG, per epoch
+  assert [e['step'] for e in events if 'knn_top1' in e] == [1, 2, 3, 4]
