@@ -6,6 +6,7 @@ renames it when complete), so an interrupted save never becomes "latest".
 import json
 import os
 import shutil
+import sys
 
 import jax
 import orbax.checkpoint as ocp
@@ -24,6 +25,30 @@ STATE_DEFINING_KEYS = ('model.arch', 'model.width_multiplier', 'model.cifar_stem
 
 class CheckpointError(RuntimeError):
   """No usable checkpoint, or one that does not fit the config."""
+
+
+def _silence_abandoned_orbax_reads() -> None:
+  """Drops the tracebacks of orbax reads abandoned by a failed restore.
+
+  When one array of a checkpoint cannot be read, orbax gives up on the others
+  but leaves their coroutines holding exceptions; Python prints each one
+  ("Exception ignored in: <coroutine ...>" and a traceback) whenever they are
+  collected, which may be long after the failure was reported to the user as
+  one line. Only those coroutines are filtered; anything else still goes to
+  the previous hook.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_orbax_reads', False):
+    return
+
+  def hook(unraisable):
+    code = getattr(unraisable.object, 'cr_code', None)
+    if code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename:
+      return
+    previous(unraisable)
+
+  hook.drops_orbax_reads = True
+  sys.unraisablehook = hook
 
 
 class Checkpointer:
@@ -92,6 +117,7 @@ class Checkpointer:
       try:
         return self.restore(abstract_state, step)
       except Exception as error:  # orbax/tensorstore raise many types
+        _silence_abandoned_orbax_reads()
         moved.append(self._quarantine(step, error))
     raise CheckpointError(
         f'no readable checkpoint in {self.directory}'
