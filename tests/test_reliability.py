@@ -170,3 +170,26 @@ def test_workdir_of_an_incompatible_run_is_refused(tiny_data_dir, reference):
   assert "model.head: 'mlp' in the checkpoint, 'linear' now" in error[0]
   assert 'moco.queue_size: 64 in the checkpoint, 128 now' in error[0]
   assert tree_digest(reference) == before
+
+
+def test_abandoned_orbax_reads_are_silenced_and_nothing_else(monkeypatch):
+  """After a failed restore, Python's 'Exception ignored in: <coroutine …>'
+  reports of orbax's abandoned reads are dropped; other ones still print."""
+  import sys
+  import types
+  seen = []
+  monkeypatch.setattr(sys, 'unraisablehook', seen.append)
+  checkpointing._silence_abandoned_orbax_reads()
+  checkpointing._silence_abandoned_orbax_reads()        # idempotent
+
+  def coroutine_from(filename):
+    namespace = {}
+    exec(compile('async def read():\n  raise ValueError\n', filename, 'exec'), namespace)
+    return namespace['read']()
+
+  orbax_read = coroutine_from(os.path.join('site-packages', 'orbax', 'serialization.py'))
+  other = coroutine_from(os.path.join('site-packages', 'mine.py'))
+  for obj in (orbax_read, other):
+    sys.unraisablehook(types.SimpleNamespace(object=obj, exc_value=ValueError()))
+    obj.close()
+  assert [u.object for u in seen] == [other]
