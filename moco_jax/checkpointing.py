@@ -3,10 +3,13 @@
 Saves are asynchronous and atomic (orbax writes to a temporary directory and
 renames it when complete), so an interrupted save never becomes "latest".
 """
+import contextlib
 import json
 import os
 import shutil
 import sys
+import tempfile
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -28,14 +31,13 @@ class CheckpointError(RuntimeError):
 
 
 def _silence_abandoned_orbax_reads() -> None:
-  """Drops the tracebacks of orbax reads abandoned by a failed restore.
+  """Drops Python's reports of orbax reads abandoned by a failed restore.
 
-  When one array of a checkpoint cannot be read, orbax gives up on the others
-  but leaves their coroutines holding exceptions; Python prints each one
+  When one array of a checkpoint cannot be read, orbax gives up on the rest
+  and leaves their coroutines holding exceptions; Python prints each one
   ("Exception ignored in: <coroutine ...>" and a traceback) whenever they are
-  collected, which may be long after the failure was reported to the user as
-  one line. Only those coroutines are filtered; anything else still goes to
-  the previous hook.
+  collected, long after the failure was reported to the user as one line.
+  Only those coroutines are filtered; anything else reaches the previous hook.
   """
   previous = sys.unraisablehook
   if getattr(previous, 'drops_orbax_reads', False):
@@ -49,6 +51,49 @@ def _silence_abandoned_orbax_reads() -> None:
 
   hook.drops_orbax_reads = True
   sys.unraisablehook = hook
+
+
+# What tensorstore's threads print (from C++, past Python's hooks) when reads
+# abandoned by a failed restore complete after orbax closed its event loop.
+_EVENT_LOOP_CLOSED_LINES = (
+    'Traceback (most recent call last):',
+    '    self._check_closed()',
+    "    raise RuntimeError('Event loop is closed')",
+    'RuntimeError: Event loop is closed',
+)
+
+
+def _is_event_loop_closed_line(line: str) -> bool:
+  return line in _EVENT_LOOP_CLOSED_LINES or (
+      line.startswith('  File "') and f'{os.sep}asyncio{os.sep}' in line)
+
+
+@contextlib.contextmanager
+def _stderr_without_closed_loop_tracebacks(grace_seconds: float):
+  """Holds back file descriptor 2 and then writes it out without the
+  closed-event-loop tracebacks; waits `grace_seconds` first if the block
+  raised or set `failed[0]`, so that late reads are caught too."""
+  failed = [False]
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as held:
+    os.dup2(held.fileno(), 2)
+    try:
+      yield failed
+    except BaseException:
+      failed[0] = True
+      raise
+    finally:
+      if failed[0]:
+        time.sleep(grace_seconds)
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      held.seek(0)
+      lines = held.read().decode(errors='replace').splitlines(keepends=True)
+      sys.stderr.write(''.join(l for l in lines
+                               if not _is_event_loop_closed_line(l.rstrip('\n'))))
+      sys.stderr.flush()
 
 
 class Checkpointer:
@@ -99,6 +144,7 @@ class Checkpointer:
     """The state at `step` (default: newest) with abstract_state's structure,
     shapes and shardings (e.g. from jax.eval_shape)."""
     step = self.latest_step() if step is None else step
+    _silence_abandoned_orbax_reads()
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state)))
     return restored.state
@@ -113,12 +159,13 @@ class Checkpointer:
       CheckpointError naming the directory when none is readable.
     """
     moved = []
-    for step in sorted(self.all_steps(), reverse=True):
-      try:
-        return self.restore(abstract_state, step)
-      except Exception as error:  # orbax/tensorstore raise many types
-        _silence_abandoned_orbax_reads()
-        moved.append(self._quarantine(step, error))
+    with _stderr_without_closed_loop_tracebacks(grace_seconds=1.0) as failed:
+      for step in sorted(self.all_steps(), reverse=True):
+        try:
+          return self.restore(abstract_state, step)
+        except Exception as error:  # orbax/tensorstore raise many types
+          failed[0] = True
+          moved.append(self._quarantine(step, error))
     raise CheckpointError(
         f'no readable checkpoint in {self.directory}'
         + (f' (unreadable ones moved to {", ".join(moved)})' if moved else '')
