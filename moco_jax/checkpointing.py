@@ -96,6 +96,12 @@ def _stderr_without_closed_loop_tracebacks(grace_seconds: float):
       sys.stderr.flush()
 
 
+def _sync_processes(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 class Checkpointer:
   """Keeps the newest `keep` checkpoints of a run under workdir/checkpoints."""
 
@@ -172,12 +178,18 @@ class Checkpointer:
         + '; use a new --workdir to start over')
 
   def _quarantine(self, step: int, error: Exception) -> str:
+    # Every process found the checkpoint unreadable; process 0 moves it while
+    # the others wait (before: all see the same free destination name).
+    _sync_processes(f'quarantine checkpoint {step}')
     destination = os.path.join(self.workdir, CORRUPT_SUBDIR, str(step))
     while os.path.exists(destination):
       destination += '_'
-    os.makedirs(os.path.dirname(destination), exist_ok=True)
     self._manager.close()
-    shutil.move(self.path(step), destination)
+    _sync_processes(f'quarantine checkpoint {step}: named')
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(destination), exist_ok=True)
+      shutil.move(self.path(step), destination)
+    _sync_processes(f'quarantine checkpoint {step}: moved')
     self._open()
     reason = f'{type(error).__name__}: {str(error).splitlines()[0][:200]}' if str(error) else type(error).__name__
     logging.warning('checkpoint %s is unreadable (%s); moved it to %s and '

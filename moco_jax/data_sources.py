@@ -110,7 +110,7 @@ def process_split(data_config, split: str, drop_remainder: bool) -> ProcessSplit
 
 def _tfds_builder(data_config):
   name, data_dir = data_config.dataset, _data_dir(data_config)
-  if data_dir is not None and not os.path.isdir(data_dir):
+  if data_dir is not None and not tf.io.gfile.isdir(data_dir):   # gs:// too
     raise DatasetError(f'data.data_dir {data_dir!r} does not exist')
   try:
     return tfds.builder(name, data_dir=data_dir)
