@@ -162,11 +162,10 @@ def test_pth_without_torch_says_how_to_get_it(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope='module')
-def pretrained(tiny_data_dir, tmp_path_factory):
-  """A smoke pretraining workdir and its final query encoder variables."""
-  config = smoke_config(tiny_data_dir)
-  workdir = str(tmp_path_factory.mktemp('pretrain'))
-  train.train_and_evaluate(config, workdir)
+def pretrained(tiny_data_dir, smoke_pretrain_dir):
+  """The shared smoke pretraining workdir (steps 0, 2, 4) and its final query
+  encoder variables."""
+  config, workdir = smoke_config(tiny_data_dir), smoke_pretrain_dir
   experiment = train.Experiment(config)
   checkpointer = checkpointing.Checkpointer(workdir)
   state = jax.device_get(checkpointer.restore(experiment.abstract_state()))
@@ -230,7 +229,7 @@ def test_export_cli(pretrained, tmp_path):
   result = run('--format=flax', '--step=3')
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1] == (
-      f"error: --step=3 has no checkpoint in '{workdir}'; available: 2, 4")
+      f"error: --step=3 has no checkpoint in '{workdir}'; available: 0, 2, 4")
 
 
 def test_export_errors_name_the_bad_value(pretrained, tmp_path):
