@@ -7,9 +7,11 @@ settings, in one run:
   dataset      the config's own data section (e.g. CIFAR-10 from TFDS).
   folder_jpeg  an ImageNet-like folder of JPEGs it writes once (--folder_images
                images of 500x375, quality 90, two classes) at image_size 224,
-               crop scale (0.2, 1): with the JPEG decode fused into each crop
-               (decode_and_crop_jpeg, the default) and decoded whole once per
-               image, alternating.
+               crop scale (0.2, 1), decoded whole once per image (the
+               default) and decoded only inside each crop window
+               (decode_and_crop_jpeg, data.fused_jpeg_crop), alternating;
+               for MoCo's two views and for linear evaluation's one view
+               (labelled_batches, keys folder_jpeg_one_view_*).
 
 Each figure is the median over --repeats timed passes of --steps batches,
 after one untimed warm-up pass. "Per core" divides by the cores tf.data had
@@ -66,10 +68,13 @@ def write_jpeg_folder(root: str, count: int, seed: int = 0) -> str:
   return root
 
 
-def time_passes(data_config, batch: int, steps: int, repeats: int, seed=0):
-  """Median images/s (each image = its two views) over `repeats` passes."""
+def time_passes(data_config, batch: int, steps: int, repeats: int, seed=0,
+                views: int = 2):
+  """Median images/s over `repeats` passes; each image gives `views` crops
+  (2: pretrain_batches, 1: labelled_batches)."""
   from moco_jax import input_pipeline
-  batches = input_pipeline.pretrain_batches(data_config, batch, seed)
+  make = input_pipeline.pretrain_batches if views == 2 else input_pipeline.labelled_batches
+  batches = make(data_config, batch, seed)
   for _ in range(steps):                     # warm-up: autotune, file cache
     next(batches)
   rates = []
@@ -110,17 +115,19 @@ def main(argv):
   jpeg.dataset, jpeg.data_dir, jpeg.train_split = f'folder:{folder}', '', 'train'
   jpeg.image_size, jpeg.crop_scale, jpeg.cache = 224, (0.2, 1.0), False
   jpeg.shuffle_buffer = FLAGS.folder_images
-  for fused in (True, False, True, False):    # alternate against drift
-    jpeg.fused_jpeg_crop = fused
-    key = 'fused' if fused else 'decode_once'
-    rate, _ = time_passes(jpeg, FLAGS.batch, FLAGS.steps, FLAGS.repeats)
-    result.setdefault(f'folder_jpeg_{key}_runs', []).append(rate)
-  for key in ('fused', 'decode_once'):
-    rate = statistics.median(result[f'folder_jpeg_{key}_runs'])
-    result[f'folder_jpeg_{key}_images_per_sec'] = rate
-    result[f'folder_jpeg_{key}_images_per_core_per_sec'] = rate / cores
-  result['fused_over_decode_once'] = (result['folder_jpeg_fused_images_per_sec']
-                                      / result['folder_jpeg_decode_once_images_per_sec'])
+  for views, prefix in ((2, 'folder_jpeg'), (1, 'folder_jpeg_one_view')):
+    for fused in (True, False, True, False):    # alternate against drift
+      jpeg.fused_jpeg_crop = fused
+      key = 'fused' if fused else 'decode_once'
+      rate, _ = time_passes(jpeg, FLAGS.batch, FLAGS.steps, FLAGS.repeats, views=views)
+      result.setdefault(f'{prefix}_{key}_runs', []).append(rate)
+    for key in ('fused', 'decode_once'):
+      rate = statistics.median(result[f'{prefix}_{key}_runs'])
+      result[f'{prefix}_{key}_images_per_sec'] = rate
+      result[f'{prefix}_{key}_images_per_core_per_sec'] = rate / cores
+    result[f'{prefix}_fused_over_decode_once'] = (
+        result[f'{prefix}_fused_images_per_sec']
+        / result[f'{prefix}_decode_once_images_per_sec'])
   print(json.dumps(result, indent=1))
   if FLAGS.json:
     with open(FLAGS.json, 'w') as f:

@@ -40,7 +40,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.normalization = 'imagenet'  # mean/std: 'imagenet' or 'cifar10'
   c.data.shuffle_buffer = 50_000
   c.data.cache = False             # keep encoded images in memory (small sets)
-  c.data.fused_jpeg_crop = True    # decode JPEGs only inside each crop window
+  # Decode a JPEG only inside each crop window (decode_and_crop_jpeg) instead of
+  # once per image: slower for two views (BENCHMARKS.md), so off by default.
+  c.data.fused_jpeg_crop = False
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = 'sgd'             # sgd, lars, adamw

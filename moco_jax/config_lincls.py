@@ -26,7 +26,7 @@ def lincls_base_config() -> ml_collections.ConfigDict:
   c.data.normalization = ''        # '' = the pretraining's mean/std
   c.data.shuffle_buffer = 50_000
   c.data.cache = False
-  c.data.fused_jpeg_crop = True    # decode JPEGs only inside each crop window
+  c.data.fused_jpeg_crop = False   # decode_and_crop_jpeg: no faster here (BENCHMARKS.md)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = 'sgd'

@@ -6,9 +6,11 @@ a run resumed at step s sees exactly the batches an uninterrupted run would.
 Each process reads its own disjoint part of the split (data_sources) and
 yields its local share of the global batch.
 
-JPEGs are decoded only inside each random crop (decode_and_crop_jpeg); other
-formats are decoded once per example and cropped twice. An image that cannot
-be read or decoded is skipped and counted (`skipped_images`), never a crash.
+Images are decoded once and cropped twice; with data.fused_jpeg_crop a JPEG
+is instead decoded only inside each crop window (decode_and_crop_jpeg), which
+measured 0.8x as fast for MoCo's two crops and no faster for one
+(BENCHMARKS.md). An image that cannot be read or decoded is skipped and
+counted (`skipped_images`), never a crash.
 """
 from typing import Callable, Iterator
 
@@ -62,9 +64,8 @@ def decode_random_crops(encoded, seeds, image_size, scale, fused_jpeg=True):
   """Random-resized crops of one encoded image, one per seed.
 
   encoded: scalar tf.string; seeds: (V, 2) stateless seeds.
-  fused_jpeg: decode a JPEG only inside each crop window (the two views of
-    MoCo cover about 1.2 images' worth of pixels on average at scale
-    (0.2, 1)); otherwise decode once and crop V times.
+  fused_jpeg: decode a JPEG only inside each crop window; otherwise decode
+    once and crop V times.
   Returns (V, image_size, image_size, 3) uint8; identical windows either way.
   """
   num_views = seeds.shape[0]
@@ -94,7 +95,7 @@ def _two_views(encoded, seed, data_config):
   crop_seeds, flip_seeds = tf.split(tf.random.experimental.stateless_split(seed, 4), 2)
   crops = decode_random_crops(encoded, crop_seeds, data_config.image_size,
                               data_config.crop_scale,
-                              data_config.get('fused_jpeg_crop', True))
+                              data_config.get('fused_jpeg_crop', False))
   return tf.stack([tf.image.stateless_random_flip_left_right(crops[view], flip_seeds[view])
                    for view in range(2)])
 
@@ -104,7 +105,7 @@ def _one_view(encoded, seed, data_config):
   crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   crop = decode_random_crops(encoded, crop_seed[None], data_config.image_size,
                              data_config.crop_scale,
-                             data_config.get('fused_jpeg_crop', True))[0]
+                             data_config.get('fused_jpeg_crop', False))[0]
   return tf.image.stateless_random_flip_left_right(crop, flip_seed)
 
 
