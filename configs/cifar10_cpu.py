@@ -16,33 +16,8 @@ epoch 2 and at the end: expect it to rise from the random network's ~28%.
 python -m moco_jax.main --config=configs/cifar10_cpu.py --workdir=runs/cifar10_cpu \
     --config.data.data_dir=../shared/tfds
 """
-from moco_jax.config_base import base_config
+from moco_jax import recipes
 
 
 def get_config():
-  c = base_config()
-  c.model.arch = 'resnet18'
-  c.model.width_multiplier = 0.125
-  c.model.cifar_stem = True
-  c.model.head = 'mlp'
-  c.moco.queue_size = 4096
-  c.moco.momentum = 0.99
-  c.moco.temperature = 0.1
-  c.moco.bn_splits = 8
-  c.data.dataset = 'cifar10'
-  c.data.data_dir = ''
-  c.data.eval_split = 'test'
-  c.data.image_size = 32
-  c.data.crop_scale = (0.08, 1.0)
-  c.data.augment = 'cifar'
-  c.data.normalization = 'cifar10'
-  c.data.cache = True
-  c.optim.base_lr = 0.06
-  c.optim.weight_decay = 5e-4
-  c.train.batch_size = 256
-  c.train.num_steps = 780          # 4 epochs of 195 steps
-  c.train.log_every = 10
-  c.train.checkpoint_every = 195
-  c.eval.knn_every = 2             # epochs
-  c.eval.knn_at_start = True
-  return c
+  return recipes.cifar10_cpu()
