@@ -53,26 +53,18 @@ def _silence_abandoned_orbax_reads() -> None:
   sys.unraisablehook = hook
 
 
-# What tensorstore's threads print (from C++, past Python's hooks) when reads
-# abandoned by a failed restore complete after orbax closed its event loop.
-_EVENT_LOOP_CLOSED_LINES = (
-    'Traceback (most recent call last):',
-    '    self._check_closed()',
-    "    raise RuntimeError('Event loop is closed')",
-    'RuntimeError: Event loop is closed',
-)
-
-
-def _is_event_loop_closed_line(line: str) -> bool:
-  return line in _EVENT_LOOP_CLOSED_LINES or (
-      line.startswith('  File "') and f'{os.sep}asyncio{os.sep}' in line)
-
-
 @contextlib.contextmanager
-def _stderr_without_closed_loop_tracebacks(grace_seconds: float):
-  """Holds back file descriptor 2 and then writes it out without the
-  closed-event-loop tracebacks; waits `grace_seconds` first if the block
-  raised or set `failed[0]`, so that late reads are caught too."""
+def _stderr_held_back_on_failure(grace_seconds: float):
+  """Holds back file descriptor 2; writes it out afterwards unless the block
+  raised or set `failed[0]`, in which case it is dropped after waiting
+  `grace_seconds` more.
+
+  Why: after a checkpoint read fails, orbax closes its event loop while
+  tensorstore still completes the other reads, and each completion prints
+  "RuntimeError: Event loop is closed" with a traceback from its own thread,
+  straight to fd 2 (past Python's hooks), interleaved mid-line with the
+  others. The failure itself is reported on stdout and by the caller.
+  """
   failed = [False]
   sys.stderr.flush()
   saved = os.dup(2)
@@ -89,11 +81,10 @@ def _stderr_without_closed_loop_tracebacks(grace_seconds: float):
       sys.stderr.flush()
       os.dup2(saved, 2)
       os.close(saved)
-      held.seek(0)
-      lines = held.read().decode(errors='replace').splitlines(keepends=True)
-      sys.stderr.write(''.join(l for l in lines
-                               if not _is_event_loop_closed_line(l.rstrip('\n'))))
-      sys.stderr.flush()
+      if not failed[0]:
+        held.seek(0)
+        sys.stderr.write(held.read().decode(errors='replace'))
+        sys.stderr.flush()
 
 
 def _sync_processes(name: str) -> None:
@@ -165,7 +156,7 @@ class Checkpointer:
       CheckpointError naming the directory when none is readable.
     """
     moved = []
-    with _stderr_without_closed_loop_tracebacks(grace_seconds=1.0) as failed:
+    with _stderr_held_back_on_failure(grace_seconds=1.0) as failed:
       for step in sorted(self.all_steps(), reverse=True):
         try:
           return self.restore(abstract_state, step)
