@@ -183,7 +183,13 @@ class TrainBatches:
     except StopIteration:
       self._epoch += 1
       self._start_epoch(0)
-      batch = next(self._batches)   # an epoch has at least one batch
+      try:
+        batch = next(self._batches)
+      except StopIteration:
+        raise DatasetError(
+            f'epoch {self._epoch} of data.dataset {self._data_config.dataset!r} has '
+            f'fewer than {self._local_batch} readable images for a batch '
+            f'({self.skipped_images} unreadable so far)') from None
     positions = batch.pop('position')
     self.skipped_images += int(positions[-1] - self._last_position) - len(positions)
     self._last_position = int(positions[-1])

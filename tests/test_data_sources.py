@@ -136,6 +136,17 @@ def test_resumed_folder_batches_match_uninterrupted(image_folder):
       np.testing.assert_array_equal(got[key], expected[key])
 
 
+def test_a_folder_of_unreadable_images_is_a_clear_error(tmp_path):
+  for name in ('a', 'b'):
+    (tmp_path / name).mkdir()
+    for index in range(3):
+      (tmp_path / name / f'{index}.jpg').write_bytes(b'not a jpeg')
+  config = folder_config(str(tmp_path), **{'data.image_size': 16})
+  batches = input_pipeline.pretrain_batches(config.data, 2, seed=0)
+  with pytest.raises(data_sources.DatasetError, match='fewer than 2 readable images'):
+    next(batches)
+
+
 @pytest.mark.parametrize('layout, message', [
     ('missing', 'is not a directory'),
     ('empty', 'has no class subfolders'),
