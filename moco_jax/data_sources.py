@@ -46,10 +46,12 @@ class ProcessSplit:
   records: tf.data.Dataset of records, in a fixed order.
   load: record -> {'image': scalar tf.string (encoded), 'label': int64}.
   num_examples: records in `records` (this process).
+  split_examples: examples in the whole split (all processes).
   """
   records: tf.data.Dataset
   load: Callable[[dict], dict]
   num_examples: int
+  split_examples: int
 
 
 def is_folder(dataset: str) -> bool:
@@ -90,7 +92,7 @@ def process_split(data_config, split: str, drop_remainder: bool) -> ProcessSplit
   """
   if is_folder(data_config.dataset):
     return _folder_process_split(data_config, split, drop_remainder)
-  _tfds_split_size(_tfds_builder(data_config), data_config, split)  # checks it
+  split_examples = _tfds_split_size(_tfds_builder(data_config), data_config, split)
   records = tfds.load(
       data_config.dataset, data_dir=_data_dir(data_config),
       split=tfds.split_for_jax_process(split, drop_remainder=drop_remainder),
@@ -101,7 +103,8 @@ def process_split(data_config, split: str, drop_remainder: bool) -> ProcessSplit
     return {'image': example['image'], 'label': tf.cast(label, tf.int64)}
 
   return ProcessSplit(records=records, load=load,
-                      num_examples=int(records.cardinality()))
+                      num_examples=int(records.cardinality()),
+                      split_examples=split_examples)
 
 
 # ----------------------------------------------------------------------------
@@ -230,4 +233,5 @@ def _folder_process_split(data_config, split: str, drop_remainder: bool) -> Proc
   def load(record):
     return {'image': tf.io.read_file(record['path']), 'label': record['label']}
 
-  return ProcessSplit(records=records, load=load, num_examples=len(paths))
+  return ProcessSplit(records=records, load=load, num_examples=len(paths),
+                      split_examples=len(listing.paths))

@@ -60,7 +60,7 @@ def _decode(encoded):
   return tf.io.decode_image(encoded, channels=3, expand_animations=False)
 
 
-def decode_random_crops(encoded, seeds, image_size, scale, fused_jpeg=True):
+def decode_random_crops(encoded, seeds, image_size, scale, fused_jpeg=False):
   """Random-resized crops of one encoded image, one per seed.
 
   encoded: scalar tf.string; seeds: (V, 2) stateless seeds.
@@ -90,28 +90,21 @@ def decode_random_crops(encoded, seeds, image_size, scale, fused_jpeg=True):
   return tf.cond(tf.io.is_jpeg(encoded), decode_each_window, decode_once)
 
 
-def _two_views(encoded, seed, data_config):
-  """One encoded image -> (2, S, S, 3) uint8 crops, each randomly flipped."""
-  crop_seeds, flip_seeds = tf.split(tf.random.experimental.stateless_split(seed, 4), 2)
+def random_views(encoded, seed, data_config, num_views: int):
+  """One encoded image -> (num_views, S, S, 3) uint8 random-resized crops,
+  each randomly flipped; S = data.image_size. seed: (2,) stateless seed."""
+  seeds = tf.random.experimental.stateless_split(seed, 2 * num_views)
+  crop_seeds, flip_seeds = seeds[:num_views], seeds[num_views:]
   crops = decode_random_crops(encoded, crop_seeds, data_config.image_size,
                               data_config.crop_scale,
                               data_config.get('fused_jpeg_crop', False))
   return tf.stack([tf.image.stateless_random_flip_left_right(crops[view], flip_seeds[view])
-                   for view in range(2)])
-
-
-def _one_view(encoded, seed, data_config):
-  """One encoded image -> (S, S, 3) uint8 random-resized crop, randomly flipped."""
-  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  crop = decode_random_crops(encoded, crop_seed[None], data_config.image_size,
-                             data_config.crop_scale,
-                             data_config.get('fused_jpeg_crop', False))[0]
-  return tf.image.stateless_random_flip_left_right(crop, flip_seed)
+                   for view in range(num_views)])
 
 
 def _train_split(data_config, local_batch: int):
-  """(records, load, steps_per_epoch) of this process's training split; the
-  loaded records are kept in memory with data.cache."""
+  """(records, load, steps_per_epoch) of this process's training split; with
+  data.cache the loaded records are kept in memory (and load is the identity)."""
   split = process_split(data_config, data_config.train_split, drop_remainder=True)
   steps_per_epoch = split.num_examples // local_batch
   if steps_per_epoch == 0:
@@ -119,7 +112,8 @@ def _train_split(data_config, local_batch: int):
                        f'but this process has only {split.num_examples} examples')
   records, load = split.records, split.load
   if data_config.cache:
-    records, load = records.map(load, num_parallel_calls=tf.data.AUTOTUNE).cache(), None
+    records = records.map(load, num_parallel_calls=tf.data.AUTOTUNE).cache()
+    load = lambda record: record
   return records, load, steps_per_epoch
 
 
@@ -162,7 +156,7 @@ class TrainBatches:
     load, make_example = self._load, self._make_example
 
     def to_example(position, record):
-      example = load(record) if load is not None else record
+      example = load(record)
       example_seed = tf.random.experimental.stateless_fold_in(
           epoch_seed, position + process * 2**40)
       return dict(make_example(example, example_seed), position=position)
@@ -212,7 +206,7 @@ def pretrain_batches(data_config, local_batch: int, seed: int,
      'label': (local_batch,) int64} with S = data.image_size.
   """
   def two_views(example, example_seed):
-    views = _two_views(example['image'], example_seed, data_config)
+    views = random_views(example['image'], example_seed, data_config, 2)
     return {'images_q': views[0], 'images_k': views[1], 'label': example['label']}
 
   return TrainBatches(data_config, local_batch, seed, start_step, two_views)
@@ -270,12 +264,12 @@ class EvalBatches:
     if local_batch <= 0:
       raise DatasetError(f'evaluation batch of {local_batch} images per process '
                          f'must be positive')
-    self.num_examples = dataset_info(data_config, split).num_examples  # all processes
+    part = process_split(data_config, split, drop_remainder=False)
+    self.num_examples = part.split_examples  # all processes
     self.local_batch = local_batch
     self.image_size = data_config.image_size
     largest_part = -(-self.num_examples // jax.process_count())
     self._num_batches = -(-largest_part // local_batch)
-    part = process_split(data_config, split, drop_remainder=False)
 
     def transform(record):
       example = part.load(record)
@@ -335,7 +329,7 @@ def labelled_batches(data_config, local_batch: int, seed: int,
     {'image': (local_batch, S, S, 3) uint8, 'label': (local_batch,) int32}.
   """
   def one_view(example, example_seed):
-    return {'image': _one_view(example['image'], example_seed, data_config),
+    return {'image': random_views(example['image'], example_seed, data_config, 1)[0],
             'label': tf.cast(example['label'], tf.int32)}
 
   return TrainBatches(data_config, local_batch, seed, start_step, one_view)

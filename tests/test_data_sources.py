@@ -274,7 +274,7 @@ def test_flip_fraction_is_half():
   data.image_size, data.crop_scale = 8, (1.0, 1.0)
   flipped = []
   for i in range(600):
-    views = input_pipeline._two_views(encoded, tf.constant([i, 0], tf.int64), data)
+    views = input_pipeline.random_views(encoded, tf.constant([i, 0], tf.int64), data, 2)
     flipped.extend(views[:, 0, 0, 0].numpy() < 128)       # left column dark
   fraction, sigma = np.mean(flipped), np.sqrt(0.25 / len(flipped))
   assert abs(fraction - 0.5) < 4 * sigma
