@@ -21,9 +21,7 @@ writes it to --json. Needs torch/torchvision (.venv-torch):
       --batch 128 --width 0.25
 """
 import argparse
-import datetime
 import importlib.util
-import json
 import os
 import pathlib
 import statistics
@@ -44,7 +42,8 @@ import jax
 import numpy as np
 
 from moco_jax import train_step
-import step_throughput  # benchmarks/ is on sys.path when run as a script
+import report  # benchmarks/ is on sys.path when run as a script
+import step_throughput
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / 'configs/moco_v2_r18_cifar10.py'
 
@@ -187,15 +186,8 @@ def main():
       torch_step_ms_all=[round(1e3 * t, 1) for t in torch_times],
       threads=args.threads, torch_version=torch.__version__,
       jax_version=jax.__version__, steps=args.steps, warmup=args.warmup,
-      torch_bn='SplitBatchNorm, 8 groups', torch_layout='NCHW float32',
-      date=datetime.datetime.now(datetime.timezone.utc).isoformat(
-          timespec='seconds'),
-      command=' '.join(sys.argv))
-  text = json.dumps(result, indent=2)
-  print(text)
-  if args.json:
-    with open(args.json, 'w') as f:
-      f.write(text + '\n')
+      torch_bn='SplitBatchNorm, 8 groups', torch_layout='NCHW float32')
+  report.emit_json(result, args.json)
 
 
 if __name__ == '__main__':

@@ -21,8 +21,6 @@ _per_sec) and writes it to --json.
   python benchmarks/input_throughput.py --config=configs/moco_v2_r18_cifar10.py \
       --config.data.data_dir=../shared/tfds --json=input.json
 """
-import datetime
-import json
 import os
 import statistics
 import sys
@@ -34,6 +32,8 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
+
+import report  # benchmarks/ is on sys.path when run as a script
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
@@ -94,7 +94,6 @@ def main(argv):
   config = FLAGS.config
   cores = len(os.sched_getaffinity(0))
   result = {'benchmark': 'input_throughput',
-            'date': datetime.date.today().isoformat(),
             'cores': cores, 'tensorflow': tf.__version__,
             'batch': FLAGS.batch, 'steps': FLAGS.steps, 'repeats': FLAGS.repeats}
 
@@ -128,10 +127,7 @@ def main(argv):
     result[f'{prefix}_fused_over_decode_once'] = (
         result[f'{prefix}_fused_images_per_sec']
         / result[f'{prefix}_decode_once_images_per_sec'])
-  print(json.dumps(result, indent=1))
-  if FLAGS.json:
-    with open(FLAGS.json, 'w') as f:
-      json.dump(result, f, indent=1)
+  report.emit_json(result, FLAGS.json)
 
 
 if __name__ == '__main__':

@@ -21,7 +21,6 @@ import types
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from moco_jax import cpu_tuning

@@ -22,11 +22,8 @@ and writes it to --json.
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \
       python benchmarks/step_throughput.py --config=configs/smoke.py --sweep=devices
 """
-import datetime
 import functools
-import json
 import statistics
-import sys
 import time
 
 import flax.linen as nn
@@ -42,6 +39,8 @@ from moco_jax import augment, optim, train_step
 from moco_jax.config_checks import check_config
 from moco_jax.models import build_encoder
 from moco_jax.state import create_state
+
+import report  # benchmarks/ is on sys.path when run as a script
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
@@ -310,14 +309,7 @@ def main(argv):
   if FLAGS.sweep != 'none':
     result['sweep_kind'] = FLAGS.sweep
     result['sweep'] = sweep(config, FLAGS.sweep)
-  result['date'] = datetime.datetime.now(datetime.timezone.utc).isoformat(
-      timespec='seconds')
-  result['command'] = ' '.join(sys.argv)
-  text = json.dumps(result, indent=2)
-  print(text)
-  if FLAGS.json:
-    with open(FLAGS.json, 'w') as f:
-      f.write(text + '\n')
+  report.emit_json(result, FLAGS.json)
 
 
 if __name__ == '__main__':
