@@ -6,6 +6,18 @@ Section and key names are a user-facing contract (see README): `model`,
 import ml_collections
 
 
+def train_section(num_epochs: int, keep_checkpoints: int) -> ml_collections.ConfigDict:
+  """The `train` section, shared by pretraining and linear evaluation."""
+  train = ml_collections.ConfigDict()
+  train.batch_size = 256           # global, over all devices and hosts
+  train.num_epochs = num_epochs
+  train.num_steps = -1             # > 0 overrides num_epochs
+  train.log_every = 100
+  train.checkpoint_every = 1000
+  train.keep_checkpoints = keep_checkpoints
+  return train
+
+
 def base_config() -> ml_collections.ConfigDict:
   """MoCo v2, ResNet-50, ImageNet at 224 (arXiv:2003.04297)."""
   c = ml_collections.ConfigDict()
@@ -53,13 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.lr_drop_epochs = (120, 160)  # for 'step': ×0.1 at each
   c.optim.warmup_epochs = 0.0
 
-  c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 256         # global, over all devices and hosts
-  c.train.num_epochs = 200
-  c.train.num_steps = -1           # > 0 overrides num_epochs
-  c.train.log_every = 100
-  c.train.checkpoint_every = 1000
-  c.train.keep_checkpoints = 3
+  c.train = train_section(num_epochs=200, keep_checkpoints=3)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.knn_every = 0.0           # epochs between kNN evaluations; 0 = never

@@ -8,6 +8,8 @@ the model comes from the pretraining run's saved config.
 """
 import ml_collections
 
+from moco_jax.config_base import train_section
+
 
 def lincls_base_config() -> ml_collections.ConfigDict:
   """ImageNet linear evaluation at 224 (RandomResizedCrop + flip; 256/224 center crop)."""
@@ -38,13 +40,7 @@ def lincls_base_config() -> ml_collections.ConfigDict:
   c.optim.lr_drop_epochs = (60, 80)
   c.optim.warmup_epochs = 0.0
 
-  c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 256         # global
-  c.train.num_epochs = 100
-  c.train.num_steps = -1           # > 0 overrides num_epochs
-  c.train.log_every = 100
-  c.train.checkpoint_every = 1000
-  c.train.keep_checkpoints = 2
+  c.train = train_section(num_epochs=100, keep_checkpoints=2)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_epochs = 1          # top-1/top-5 on data.eval_split; 0 = only at the end
