@@ -41,7 +41,7 @@ except ImportError as error:
 import jax
 import numpy as np
 
-from moco_jax import train_step
+from moco_jax.runtime.mesh import make_mesh
 import report  # benchmarks/ is on sys.path when run as a script
 import step_throughput
 
@@ -159,7 +159,7 @@ def main():
   torch.set_num_threads(args.threads)
 
   config = ours_config(args)
-  ours, _ = step_throughput.build_moco(config, train_step.make_mesh(jax.devices()[:1]))
+  ours, _ = step_throughput.build_moco(config, make_mesh(jax.devices()[:1]))
   theirs = TorchMoCo(args.width, 8, 4096)
   rng = np.random.default_rng(0)
   x_q, x_k = (torch.from_numpy(rng.standard_normal(

@@ -1,6 +1,6 @@
 """Images per second of the host input pipeline (two views per image).
 
-Times moco_jax.input_pipeline.pretrain_batches (read, decode, two random-
+Times moco_jax.data.pipeline.pretrain_batches (read, decode, two random-
 resized crops + flips, batching; tf.data with AUTOTUNE on every core) in two
 settings, in one run:
 
@@ -72,8 +72,8 @@ def time_passes(data_config, batch: int, steps: int, repeats: int, seed=0,
                 views: int = 2):
   """Median images/s over `repeats` passes; each image gives `views` crops
   (2: pretrain_batches, 1: labelled_batches)."""
-  from moco_jax import input_pipeline
-  make = input_pipeline.pretrain_batches if views == 2 else input_pipeline.labelled_batches
+  from moco_jax.data import pipeline
+  make = pipeline.pretrain_batches if views == 2 else pipeline.labelled_batches
   batches = make(data_config, batch, seed)
   for _ in range(steps):                     # warm-up: autotune, file cache
     next(batches)
@@ -90,7 +90,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   import tensorflow as tf
-  from moco_jax.input_pipeline import DatasetError
+  from moco_jax.data.pipeline import DatasetError
   config = FLAGS.config
   cores = len(os.sched_getaffinity(0))
   result = {'benchmark': 'input_throughput',

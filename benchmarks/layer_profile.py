@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from moco_jax import cpu_tuning
+from moco_jax.runtime import cpu_tuning
 from moco_jax.models import fast_conv
 from moco_jax.models.batch_norm import GroupedBatchNorm
 
@@ -95,7 +95,7 @@ def phases_dx(x_shape, k, g, strides, padding):
 
 
 def im2col_dw(x, g, kernel_hw, strides, padding):
-  xs = fast_conv._phases(x, strides, padding)
+  xs = fast_conv.stride_phases(x, strides, padding)
   (kh, kw), (sh, sw) = kernel_hw, strides
   n, ho, wo, cout = g.shape
   cols = jnp.concatenate([

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moco_jax import cpu_tuning
+from moco_jax.runtime import cpu_tuning
 from moco_jax.models import encoder, heads
 
 # The package re-exports the function `resnet` under the submodule's name.

@@ -36,9 +36,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from moco_jax import augment, optim, train_step
-from moco_jax.config_checks import check_config
+from moco_jax.config.checks import check_config
 from moco_jax.models import build_encoder
 from moco_jax.state import create_state
+from moco_jax.runtime.mesh import AXIS, make_mesh
+from moco_jax.config.normalization import MEAN_STD
 
 import report  # benchmarks/ is on sys.path when run as a script
 
@@ -90,19 +92,19 @@ def supervised_step(state, images, labels, *, model, optimizer, mean, std):
 
   (loss, batch_stats), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state['params'])
-  grads = jax.lax.pmean(grads, train_step.AXIS)
+  grads = jax.lax.pmean(grads, AXIS)
   updates, opt_state = optimizer.update(grads, state['opt_state'],
                                         state['params'])
   new_state = dict(params=optax.apply_updates(state['params'], updates),
-                   batch_stats=jax.lax.pmean(batch_stats, train_step.AXIS),
+                   batch_stats=jax.lax.pmean(batch_stats, AXIS),
                    opt_state=opt_state)
-  return new_state, jax.lax.pmean(loss, train_step.AXIS)
+  return new_state, jax.lax.pmean(loss, AXIS)
 
 
 def make_supervised_step(mesh, **kwargs):
   mapped = jax.shard_map(
       functools.partial(supervised_step, **kwargs), mesh=mesh,
-      in_specs=(P(), P(train_step.AXIS), P(train_step.AXIS)),
+      in_specs=(P(), P(AXIS), P(AXIS)),
       out_specs=(P(), P()), check_vma=False)
   replicated = NamedSharding(mesh, P())
   return jax.jit(mapped, donate_argnums=(0,),
@@ -169,7 +171,7 @@ def build_moco(config, mesh):
       create_state, encoder, optimizer, image_size=c.data.image_size,
       queue_size=c.moco.queue_size, dim=c.model.dim, bn_splits=c.moco.bn_splits)
   state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(c.seed))
-  mean, std = augment.MEAN_STD[c.data.normalization]
+  mean, std = MEAN_STD[c.data.normalization]
   step = train_step.make_train_step(
       mesh, encoder=encoder, optimizer=optimizer, schedule=schedule,
       moco_config=c.moco, augment_config=dict(recipe=c.data.augment,
@@ -192,13 +194,13 @@ def build_supervised(config, mesh, encoder, optimizer):
                 opt_state=optimizer.init(variables['params']))
 
   state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(c.seed))
-  mean, std = augment.MEAN_STD[c.data.normalization]
+  mean, std = MEAN_STD[c.data.normalization]
   step = make_supervised_step(mesh, model=model, optimizer=optimizer,
                               mean=mean, std=std)
   (images,) = synthetic_images(c, mesh, 1)
   labels = np.random.default_rng(1).integers(
       0, FLAGS.num_classes, c.train.batch_size, dtype=np.int32)
-  labels = jax.device_put(labels, NamedSharding(mesh, P(train_step.AXIS)))
+  labels = jax.device_put(labels, NamedSharding(mesh, P(AXIS)))
   return Bench(step, state, images, labels)
 
 
@@ -206,7 +208,7 @@ def synthetic_images(config, mesh, count):
   """`count` device-resident (B, S, S, 3) uint8 batches sharded over 'data'."""
   size, batch = config.data.image_size, config.train.batch_size
   rng = np.random.default_rng(0)
-  sharding = NamedSharding(mesh, P(train_step.AXIS))
+  sharding = NamedSharding(mesh, P(AXIS))
   return [jax.device_put(rng.integers(0, 256, (batch, size, size, 3), np.uint8),
                          sharding) for _ in range(count)]
 
@@ -272,7 +274,7 @@ def override(config, **changes):
 
 def sweep(config, kind):
   """The extra entries of --sweep (same process, one after the other)."""
-  mesh = train_step.make_mesh()
+  mesh = make_mesh()
   if kind == 'queue':
     batch = config.train.batch_size
     sizes = [k for k in (4096, 8192, 16384, 32768, 65536) if k % batch == 0]
@@ -287,7 +289,7 @@ def sweep(config, kind):
     # so both compute the same function (shuffle BN simulated on one device).
     n = len(jax.devices())
     one = override(config, **{'moco.bn_splits': config.moco.bn_splits * n})
-    return [measure(one, train_step.make_mesh(jax.devices()[:1])),
+    return [measure(one, make_mesh(jax.devices()[:1])),
             measure(config, mesh)]
   return []
 
@@ -296,7 +298,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   config = FLAGS.config
-  mesh = train_step.make_mesh()
+  mesh = make_mesh()
   result = dict(
       device=jax.devices()[0].device_kind, platform=jax.default_backend(),
       dtype=config.dtype, arch=config.model.arch,

@@ -16,7 +16,7 @@ epoch 2 and at the end: expect it to rise from the random network's ~28%.
 python -m moco_jax.main --config=configs/cifar10_cpu.py --workdir=runs/cifar10_cpu \
     --config.data.data_dir=../shared/tfds
 """
-from moco_jax import recipes
+from moco_jax.config import recipes
 
 
 def get_config():

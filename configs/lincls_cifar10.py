@@ -7,7 +7,7 @@ Train: RandomResizedCrop(32, scale 0.08–1) + flip; eval: the full 32×32 image
 python -m moco_jax.lincls --config=configs/lincls_cifar10.py --workdir=OUT \
     --config.pretrained=PRETRAIN_DIR --config.data.data_dir=../shared/tfds
 """
-from moco_jax.config_lincls import lincls_base_config
+from moco_jax.config.lincls import lincls_base_config
 
 
 def get_config():

@@ -3,7 +3,7 @@
 python -m moco_jax.lincls --config=configs/lincls_imagenet.py --workdir=OUT \
     --config.pretrained=PRETRAIN_DIR
 """
-from moco_jax.config_lincls import lincls_base_config
+from moco_jax.config.lincls import lincls_base_config
 
 
 def get_config():

@@ -1,5 +1,5 @@
 """MoCo v1, ResNet-50, ImageNet, 200 epochs: 60.6 linear top-1 in the paper."""
-from moco_jax.config_base import base_config
+from moco_jax.config.base import base_config
 
 
 def get_config():

@@ -2,7 +2,7 @@
 
 Point data.dataset/data_dir at any small image dataset (tests build one).
 """
-from moco_jax.config_base import base_config
+from moco_jax.config.base import base_config
 
 
 def get_config():

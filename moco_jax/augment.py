@@ -26,10 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MEAN_STD = {
-    'imagenet': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    'cifar10': ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-}
+from moco_jax.config.normalization import MEAN_STD
+
 RECIPES = ('v1', 'v2', 'v3', 'cifar', 'none')
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL and torchvision
 _IMAGENET_MEAN, _IMAGENET_STD = MEAN_STD['imagenet']

@@ -14,7 +14,8 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from moco_jax.config_base import base_config
+from moco_jax.config.base import base_config
+from moco_jax.runtime.mesh import make_mesh
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'A moco_jax pretraining workdir.')
@@ -30,16 +31,17 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)
   import jax
-  from moco_jax import evaluate, pretrained, train_step
-  from moco_jax.config_checks import ConfigError
-  from moco_jax.input_pipeline import DatasetError
-  from moco_jax.metric_writer import MetricWriter
+  from moco_jax.evaluation import knn
+  from moco_jax.weights import pretrained
+  from moco_jax.config.checks import ConfigError
+  from moco_jax.data.pipeline import DatasetError
+  from moco_jax.runtime.metric_writer import MetricWriter
   try:
     step = pretrained.checkpoint_step(FLAGS.workdir, FLAGS.step)
     config = pretrained.apply_overrides(pretrained.load_config(FLAGS.workdir, step),
                                         config_flags.get_override_values(FLAGS['config']))
-    mesh = train_step.make_mesh()
-    evaluator = evaluate.KnnEvaluator(config, mesh)
+    mesh = make_mesh()
+    evaluator = knn.KnnEvaluator(config, mesh)
     run = pretrained.load(FLAGS.workdir, mesh, step, config)
     metrics = evaluator(run.params, run.batch_stats)
   except (pretrained.PretrainedError, DatasetError, ConfigError) as error:

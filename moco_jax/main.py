@@ -51,7 +51,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax/tfds info lines drown the bar
   # Before anything asks JAX for devices: JAX joins a cluster only before its
   # backends start.
-  from moco_jax import distributed
+  from moco_jax.runtime import distributed
   try:
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                            FLAGS.process_id, auto=FLAGS.distributed)
@@ -60,10 +60,10 @@ def main(argv):
     sys.exit(2)
   # Imported after flag parsing: JAX and TensorFlow take seconds to load.
   from moco_jax import train
-  from moco_jax.checkpointing import CheckpointError
-  from moco_jax.config_checks import ConfigError
-  from moco_jax.convert import WeightsError
-  from moco_jax.input_pipeline import DatasetError
+  from moco_jax.runtime.checkpointing import CheckpointError
+  from moco_jax.config.checks import ConfigError
+  from moco_jax.weights.convert import WeightsError
+  from moco_jax.data.pipeline import DatasetError
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (ConfigError, DatasetError, CheckpointError, WeightsError) as error:

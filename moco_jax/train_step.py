@@ -16,9 +16,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moco_jax import augment, moco
+from moco_jax.runtime.mesh import AXIS
 from moco_jax.state import MoCoState
-
-AXIS = 'data'
 
 
 def _example_rngs(rng, view, global_batch, local_batch):
@@ -101,12 +100,6 @@ def per_device_step(state: MoCoState, images_q, images_k, *, encoder, optimizer,
   metrics['lr'] = jnp.asarray(schedule(state.step), jnp.float32)
   metrics['queue_ptr'] = queue_ptr
   return new_state, metrics
-
-
-def make_mesh(devices=None) -> Mesh:
-  """A one-axis ('data') mesh over all (or the given) devices."""
-  devices = jax.devices() if devices is None else devices
-  return Mesh(devices, (AXIS,))
 
 
 def make_train_step(mesh: Mesh, **step_kwargs):

@@ -79,11 +79,13 @@ def smoke_pretrain_dir(tiny_data_dir, tmp_path_factory):
   classes better than step 4, whose BN running statistics have moved only
   part of the way (momentum 0.9) towards the activations' statistics.
   """
-  from moco_jax import checkpointing, train
+  from moco_jax import train
+  from moco_jax.experiment import Experiment
+  from moco_jax.runtime import checkpointing
   workdir = str(tmp_path_factory.mktemp('pretrain'))
   config = smoke_config(tiny_data_dir, **{'train.keep_checkpoints': 3})
   checkpointer = checkpointing.Checkpointer(workdir, keep=3)
-  checkpointer.save(0, train.Experiment(config).init_state(), config.to_dict())
+  checkpointer.save(0, Experiment(config).init_state(), config.to_dict())
   checkpointer.wait()
   checkpointer.close()
   train.train_and_evaluate(config, workdir)                 # resumes at step 0

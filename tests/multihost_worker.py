@@ -82,8 +82,8 @@ def run_steps(config, images: np.ndarray):
     ({metric name: [value per step]}, {leaf path: final state array}).
   """
   import jax
-  from moco_jax import train
-  experiment = train.Experiment(config)
+  from moco_jax.experiment import Experiment
+  experiment = Experiment(config)
   rows = local_rows(experiment.batch_sharding, images.shape[2:])
   state = experiment.init_state()
   log(f'state initialised; feeding rows {rows.start}:{rows.stop} of each batch')
@@ -111,7 +111,7 @@ def main(argv=None):
   parser.add_argument('--seed', type=int, default=0)
   args = parser.parse_args(argv)
 
-  from moco_jax import distributed
+  from moco_jax.runtime import distributed
   distributed.initialize(args.coordinator_address, args.num_processes,
                          args.process_id)
   import jax

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from moco_jax import augment as A
+from moco_jax.config.normalization import MEAN_STD
 
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)
-MEAN, STD = (np.array(v, np.float32) for v in A.MEAN_STD['imagenet'])
+MEAN, STD = (np.array(v, np.float32) for v in MEAN_STD['imagenet'])
 
 
 def _imgs(n=8, size=16, seed=0):
@@ -286,13 +287,13 @@ def test_shapes_dtype_determinism(recipe, view):
 
 def test_none_is_plain_normalisation():
     imgs = _imgs()
-    for name, (mean, std) in A.MEAN_STD.items():
+    for name, (mean, std) in MEAN_STD.items():
         ref = (imgs.astype(np.float32) / 255.0 - np.array(mean, np.float32)) / np.array(std, np.float32)
         np.testing.assert_allclose(A.augment_batch(imgs, _keys(8), 'none', mean=mean, std=std), ref,
                                    atol=1e-5, err_msg=name)
         np.testing.assert_allclose(A.normalize(imgs, mean, std), ref, atol=1e-5)
         np.testing.assert_allclose(A.normalize(imgs.astype(np.float32), mean, std), ref, atol=1e-5)
-    assert A.normalize(imgs, *A.MEAN_STD['imagenet']).dtype == jnp.float32
+    assert A.normalize(imgs, *MEAN_STD['imagenet']).dtype == jnp.float32
 
 
 def test_typed_keys_and_inside_jit():

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from conftest import REPO
-from moco_jax.config_checks import ConfigError, check_config, config_problems
+from moco_jax.config.checks import ConfigError, check_config, config_problems
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))
 

@@ -9,8 +9,9 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import smoke_config
-from moco_jax import data_sources, input_pipeline
-from moco_jax.metric_writer import read_metrics
+from moco_jax.data import sources
+from moco_jax.data import pipeline
+from moco_jax.runtime.metric_writer import read_metrics
 
 CLASSES = ('cat', 'dog', 'zebra')
 
@@ -74,11 +75,11 @@ def folder_config(root, **overrides):
 
 def test_folder_listing_labels_and_formats(image_folder):
   config = folder_config(image_folder['root'])
-  info = data_sources.dataset_info(config.data)
+  info = sources.dataset_info(config.data)
   assert info.class_names == CLASSES
   valid = sum(len(v) for v in image_folder['paths'].values())
   assert info.num_examples == valid + 1          # the corrupt file is listed
-  split = data_sources.process_split(config.data, 'train', drop_remainder=False)
+  split = sources.process_split(config.data, 'train', drop_remainder=False)
   records = list(split.records.as_numpy_iterator())
   got = {r['path'].decode(): int(r['label']) for r in records}
   expected = {p: CLASSES.index(name) for name, ps in image_folder['paths'].items()
@@ -89,7 +90,7 @@ def test_folder_listing_labels_and_formats(image_folder):
 
 def test_eval_batches_decode_every_format_and_skip_the_corrupt_file(image_folder):
   config = folder_config(image_folder['root'], **{'data.image_size': 16})
-  batches = input_pipeline.eval_batches(config.data, 'train', 8)
+  batches = pipeline.eval_batches(config.data, 'train', 8)
   images, labels = [], []
   for batch in batches:
     images.append(batch['image'][batch['mask']])
@@ -98,7 +99,7 @@ def test_eval_batches_decode_every_format_and_skip_the_corrupt_file(image_folder
   paths = image_folder['paths']
   assert len(images) == sum(len(v) for v in paths.values())      # corrupt skipped
   assert images.shape[1:] == (16, 16, 3) and images.dtype == np.uint8
-  split = data_sources.process_split(config.data, 'train', drop_remainder=False)
+  split = sources.process_split(config.data, 'train', drop_remainder=False)
   in_order = [r['path'].decode() for r in split.records.as_numpy_iterator()
               if r['path'].decode() != image_folder['corrupt']]
   # Each image against PIL's RGB conversion (grayscale replicated, alpha
@@ -112,8 +113,8 @@ def test_eval_batches_decode_every_format_and_skip_the_corrupt_file(image_folder
 
 def test_pretrain_batches_skip_and_count_the_corrupt_file(image_folder):
   config = folder_config(image_folder['root'], **{'data.image_size': 16})
-  total = data_sources.dataset_info(config.data).num_examples   # 18 valid + 1
-  batches = input_pipeline.pretrain_batches(config.data, 6, seed=0)
+  total = sources.dataset_info(config.data).num_examples   # 18 valid + 1
+  batches = pipeline.pretrain_batches(config.data, 6, seed=0)
   assert batches.steps_per_epoch == total // 6 == 3
   epochs = 3
   seen = [next(batches) for _ in range(epochs * batches.steps_per_epoch)]
@@ -127,9 +128,9 @@ def test_pretrain_batches_skip_and_count_the_corrupt_file(image_folder):
 
 def test_resumed_folder_batches_match_uninterrupted(image_folder):
   config = folder_config(image_folder['root'], **{'data.image_size': 16})
-  straight = input_pipeline.pretrain_batches(config.data, 4, seed=3)
+  straight = pipeline.pretrain_batches(config.data, 4, seed=3)
   reference = [next(straight) for _ in range(7)]    # crosses an epoch boundary
-  resumed = input_pipeline.pretrain_batches(config.data, 4, seed=3, start_step=5)
+  resumed = pipeline.pretrain_batches(config.data, 4, seed=3, start_step=5)
   for expected in reference[5:]:
     got = next(resumed)
     for key in expected:
@@ -142,8 +143,8 @@ def test_a_folder_of_unreadable_images_is_a_clear_error(tmp_path):
     for index in range(3):
       (tmp_path / name / f'{index}.jpg').write_bytes(b'not a jpeg')
   config = folder_config(str(tmp_path), **{'data.image_size': 16})
-  batches = input_pipeline.pretrain_batches(config.data, 2, seed=0)
-  with pytest.raises(data_sources.DatasetError, match='fewer than 2 readable images'):
+  batches = pipeline.pretrain_batches(config.data, 2, seed=0)
+  with pytest.raises(sources.DatasetError, match='fewer than 2 readable images'):
     next(batches)
 
 
@@ -164,8 +165,8 @@ def test_unusable_folders_are_clear_errors(tmp_path, layout, message):
     (root / 'cat').mkdir()
     (root / 'cat' / 'readme.txt').write_text('x')
   config = folder_config(str(root))
-  with pytest.raises(data_sources.DatasetError, match=message):
-    data_sources.dataset_info(config.data)
+  with pytest.raises(sources.DatasetError, match=message):
+    sources.dataset_info(config.data)
 
 
 def test_eval_split_subfolders(tmp_path):
@@ -173,15 +174,15 @@ def test_eval_split_subfolders(tmp_path):
   build_image_folder(root / 'train', per_class=2, corrupt=False)
   build_image_folder(root / 'val', per_class=1, seed=1, corrupt=False)
   config = folder_config(str(root))
-  assert data_sources.dataset_info(config.data).num_examples == 6
-  assert data_sources.dataset_info(config.data, 'val').num_examples == 3
-  with pytest.raises(data_sources.DatasetError, match="no folder for split 'validation'"):
-    data_sources.dataset_info(config.data, 'validation')
+  assert sources.dataset_info(config.data).num_examples == 6
+  assert sources.dataset_info(config.data, 'val').num_examples == 3
+  with pytest.raises(sources.DatasetError, match="no folder for split 'validation'"):
+    sources.dataset_info(config.data, 'validation')
   (root / 'val' / 'unicorn').mkdir()
   _save(str(root / 'val' / 'unicorn' / 'a.png'), np.zeros((4, 4, 3), np.uint8), 'PNG')
-  data_sources._scan.cache_clear()
-  with pytest.raises(data_sources.DatasetError, match='unicorn'):
-    data_sources.dataset_info(config.data, 'val')
+  sources._scan.cache_clear()
+  with pytest.raises(sources.DatasetError, match='unicorn'):
+    sources.dataset_info(config.data, 'val')
 
 
 @pytest.mark.parametrize('source', ['folder', 'tfds'])
@@ -189,13 +190,13 @@ def test_process_splits_are_disjoint_and_cover(source, image_folder, tiny_data_d
                                                monkeypatch):
   config = (folder_config(image_folder['root']) if source == 'folder'
             else smoke_config(tiny_data_dir))
-  total = data_sources.dataset_info(config.data, 'train').num_examples
+  total = sources.dataset_info(config.data, 'train').num_examples
   processes = 3
   monkeypatch.setattr(jax, 'process_count', lambda: processes)
 
   def part(index, drop_remainder):
     monkeypatch.setattr(jax, 'process_index', lambda: index)
-    split = data_sources.process_split(config.data, 'train', drop_remainder)
+    split = sources.process_split(config.data, 'train', drop_remainder)
     records = [split.load(r) for r in split.records]
     assert len(records) == split.num_examples
     return [r['image'].numpy() for r in records]
@@ -217,8 +218,8 @@ def test_fused_jpeg_crops_equal_decode_then_crop():
   smooth = tf.image.resize(rng.uniform(0, 255, (1, 12, 16, 3)), (150, 200)).numpy()[0]
   encoded = tf.io.encode_jpeg(smooth.astype(np.uint8), quality=90)
   seeds = tf.constant([[i, 7] for i in range(12)], tf.int32)
-  fused = input_pipeline.decode_random_crops(encoded, seeds, 32, (0.2, 1.0), True)
-  plain = input_pipeline.decode_random_crops(encoded, seeds, 32, (0.2, 1.0), False)
+  fused = pipeline.decode_random_crops(encoded, seeds, 32, (0.2, 1.0), True)
+  plain = pipeline.decode_random_crops(encoded, seeds, 32, (0.2, 1.0), False)
   difference = np.abs(fused.numpy().astype(int) - plain.numpy().astype(int))
   # libjpeg's chroma upsampling at the window's edge may differ by a level.
   assert difference.mean() < 0.5 and difference.max() <= 8
@@ -248,7 +249,7 @@ def test_crop_window_statistics():
   shape, scale = tf.constant([375, 500, 3]), (0.2, 1.0)
   areas, aspects = [], []
   for i in range(600):
-    _, size = input_pipeline.crop_window(shape, tf.constant([i, 1]), scale)
+    _, size = pipeline.crop_window(shape, tf.constant([i, 1]), scale)
     height, width = int(size[0]), int(size[1])
     areas.append(height * width / (375 * 500))
     aspects.append(width / height)
@@ -274,7 +275,7 @@ def test_flip_fraction_is_half():
   data.image_size, data.crop_scale = 8, (1.0, 1.0)
   flipped = []
   for i in range(600):
-    views = input_pipeline.random_views(encoded, tf.constant([i, 0], tf.int64), data, 2)
+    views = pipeline.random_views(encoded, tf.constant([i, 0], tf.int64), data, 2)
     flipped.extend(views[:, 0, 0, 0].numpy() < 128)       # left column dark
   fraction, sigma = np.mean(flipped), np.sqrt(0.25 / len(flipped))
   assert abs(fraction - 0.5) < 4 * sigma

@@ -13,8 +13,12 @@ import optax
 import pytest
 
 from conftest import REPO, smoke_config
-from moco_jax import checkpointing, convert, export, import_weights, train
+from moco_jax.runtime import checkpointing
+from moco_jax.weights import convert
+from moco_jax.weights import export
+from moco_jax.weights import import_weights
 from moco_jax.models import build_encoder
+from moco_jax.experiment import Experiment
 
 # torchvision's state_dict sizes without `fc` (num_batches_tracked included).
 TORCHVISION_BACKBONE_KEYS = {'resnet18': 120, 'resnet50': 318}
@@ -166,7 +170,7 @@ def pretrained(tiny_data_dir, smoke_pretrain_dir):
   """The shared smoke pretraining workdir (steps 0, 2, 4) and its final query
   encoder variables."""
   config, workdir = smoke_config(tiny_data_dir), smoke_pretrain_dir
-  experiment = train.Experiment(config)
+  experiment = Experiment(config)
   checkpointer = checkpointing.Checkpointer(workdir)
   state = jax.device_get(checkpointer.restore(experiment.abstract_state()))
   checkpointer.close()
@@ -244,7 +248,7 @@ def test_export_errors_name_the_bad_value(pretrained, tmp_path):
 
 def test_init_state_from_sets_both_encoders(pretrained, tiny_data_dir):
   config, workdir, want = pretrained
-  experiment = train.Experiment(config)
+  experiment = Experiment(config)
   state = experiment.init_state()
   variables = import_weights.load_weights(export.export(workdir, 'flax', with_head=True),
                                           {'params': state.params,

@@ -4,12 +4,16 @@ import numpy as np
 import pytest
 
 from conftest import smoke_config
-from moco_jax import checkpointing, convert, export, train
+from moco_jax import train
+from moco_jax.runtime import checkpointing
+from moco_jax.weights import convert
+from moco_jax.weights import export
+from moco_jax.experiment import Experiment
 
 
 def encoder_variables(config):
   """The initial f_q of a run with `config` (its seed decides)."""
-  state = jax.device_get(train.Experiment(config).init_state())
+  state = jax.device_get(Experiment(config).init_state())
   return {'params': state.params, 'batch_stats': state.batch_stats}
 
 
@@ -22,7 +26,7 @@ def test_init_from_starts_both_encoders_from_the_file(tiny_data_dir, tmp_path):
   config = smoke_config(tiny_data_dir, init_from=path)
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(config, workdir)
-  experiment = train.Experiment(config)
+  experiment = Experiment(config)
   checkpointer = checkpointing.Checkpointer(workdir)
   state = jax.device_get(checkpointer.restore(experiment.abstract_state()))
   checkpointer.close()

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO, smoke_config
-from moco_jax import evaluate, train_step
-from moco_jax.config_checks import ConfigError
-from moco_jax.metric_writer import read_metrics
+from moco_jax.evaluation import knn
+from moco_jax.config.checks import ConfigError
+from moco_jax.runtime.metric_writer import read_metrics
 from moco_jax.models import build_encoder
+from moco_jax.runtime.mesh import make_mesh
 
 
 def reference_knn(test, bank, bank_labels, num_classes, k, temperature):
@@ -35,7 +36,7 @@ def test_knn_predict_matches_brute_force(k, temperature, chunk):
   bank, test = unit_rows(rng, 100, 12), unit_rows(rng, 30, 12)
   # Random labels: for k > 1 the weighted vote, not the nearest row, decides.
   bank_labels = rng.integers(0, 6, 100)
-  got = evaluate.knn_predict(test, bank, bank_labels, num_classes=6, k=k,
+  got = knn.knn_predict(test, bank, bank_labels, num_classes=6, k=k,
                              temperature=temperature, chunk=chunk)
   want = reference_knn(test, bank, bank_labels, 6, k, temperature)
   np.testing.assert_array_equal(np.asarray(got), want)
@@ -45,7 +46,7 @@ def test_knn_topk_ignores_masked_rows_and_pads_missing_neighbours():
   rng = np.random.default_rng(0)
   bank, test = unit_rows(rng, 10, 4), unit_rows(rng, 3, 4)
   mask = np.arange(10) < 4
-  sims, labels = evaluate.knn_topk(test, bank, np.arange(10), k=6, chunk=3,
+  sims, labels = knn.knn_topk(test, bank, np.arange(10), k=6, chunk=3,
                                    bank_mask=mask)
   sims, labels = np.asarray(sims), np.asarray(labels)
   assert np.all(labels[:, :4] < 4) and np.all(np.isneginf(sims[:, 4:]))
@@ -74,14 +75,14 @@ def backbone_variables(config, seed=0):
 
 
 def test_evaluator_is_a_percent_and_padding_changes_nothing(tiny_data_dir):
-  mesh = train_step.make_mesh()                                   # 8 fake devices
+  mesh = make_mesh()                                   # 8 fake devices
   params, batch_stats = backbone_variables(smoke_config(tiny_data_dir))
   results = []
   # 64 train / 32 test examples: a batch of 24 leaves partial, padded batches.
   for batch_size in (24, 64):
     config = smoke_config(tiny_data_dir, **{'eval.batch_size': batch_size,
                                             'eval.knn_k': 10})
-    evaluator = evaluate.KnnEvaluator(config, mesh)
+    evaluator = knn.KnnEvaluator(config, mesh)
     labels, predictions = evaluator.predict(params, batch_stats)
     assert labels.shape == predictions.shape == (32,)
     results.append((labels, predictions))
@@ -97,7 +98,7 @@ def test_evaluator_is_a_percent_and_padding_changes_nothing(tiny_data_dir):
 def test_evaluator_rejects_a_batch_the_devices_cannot_split(tiny_data_dir):
   config = smoke_config(tiny_data_dir, **{'eval.batch_size': 12})
   with pytest.raises(ConfigError, match='eval.batch_size=12'):
-    evaluate.KnnEvaluator(config, train_step.make_mesh())
+    knn.KnnEvaluator(config, make_mesh())
 
 
 def run_knn_cli(*args):

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TINY_DATASET, build_tiny_dataset
-from moco_jax import lincls, pretrained, train_step
-from moco_jax.metric_writer import read_metrics
+from moco_jax.evaluation import linear
+from moco_jax.weights import pretrained
+from moco_jax.runtime.metric_writer import read_metrics
+from moco_jax.runtime.mesh import make_mesh
 
 
 def lincls_config(pretrain_dir, data_dir, **overrides):
@@ -57,7 +59,7 @@ def test_linear_eval_learns_and_leaves_the_backbone_bit_identical(
                          **{'train.num_steps': 100, 'train.log_every': 50,
                             'optim.base_lr': 0.1, 'optim.schedule': 'cosine',
                             'eval.every_epochs': 0})
-  results = lincls.linear_evaluation(config, str(tmp_path))  # checks the backbone
+  results = linear.linear_evaluation(config, str(tmp_path))  # checks the backbone
   assert results['lincls_top1'] >= 90, results
   assert results['lincls_top5'] == 100
   assert digest(smoke_pretrain_dir) == before
@@ -67,14 +69,14 @@ def test_linear_eval_learns_and_leaves_the_backbone_bit_identical(
 
 
 def test_backbone_check_notices_a_one_ulp_change(smoke_pretrain_dir):
-  run = pretrained.load(smoke_pretrain_dir, train_step.make_mesh(), step=0)
+  run = pretrained.load(smoke_pretrain_dir, make_mesh(), step=0)
   backbone = {'params': run.params, 'batch_stats': run.batch_stats}
-  lincls.check_backbone_unchanged(backbone, backbone)
+  linear.check_backbone_unchanged(backbone, backbone)
   changed = jax.tree.map(np.array, jax.device_get(backbone))    # writable copies
   kernel = changed['params']['conv1']['kernel']
   kernel.flat[0] = np.nextafter(kernel.flat[0], np.inf)
-  with pytest.raises(lincls.BackboneChangedError, match='conv1'):
-    lincls.check_backbone_unchanged(changed, backbone)
+  with pytest.raises(linear.BackboneChangedError, match='conv1'):
+    linear.check_backbone_unchanged(changed, backbone)
 
 
 def run_module(module, *args):
@@ -104,7 +106,7 @@ def test_a_workdir_without_checkpoints_is_a_clear_error_that_creates_nothing(
   empty, out = tmp_path / 'empty', tmp_path / 'out'
   config = lincls_config(str(empty), tiny_data_dir)
   with pytest.raises(pretrained.PretrainedError, match='has no checkpoints'):
-    lincls.linear_evaluation(config, str(out))
+    linear.linear_evaluation(config, str(out))
   assert not empty.exists() and not out.exists()
-  with pytest.raises(lincls.ConfigError, match='is the pretraining run itself'):
-    lincls.linear_evaluation(config, str(empty))
+  with pytest.raises(linear.ConfigError, match='is the pretraining run itself'):
+    linear.linear_evaluation(config, str(empty))

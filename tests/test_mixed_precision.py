@@ -5,10 +5,11 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from moco_jax import augment, optim
+from moco_jax import optim
 from moco_jax.models import Encoder, ProjectionHead, ResNet
 from moco_jax.state import create_state
 from moco_jax.train_step import make_train_step
+from moco_jax.config.normalization import MEAN_STD
 
 BATCH, IMAGE_SIZE, QUEUE, DIM = 16, 16, 64, 8
 OPTIM = ml_collections.ConfigDict(dict(name='sgd', base_lr=0.03, momentum=0.9,
@@ -31,7 +32,7 @@ def one_step(dtype):
   encoder = encoder_for(dtype)
   schedule = optim.learning_rate_schedule(OPTIM, BATCH, 10, 10)
   optimizer = optim.build_optimizer(OPTIM, schedule)
-  mean, std = augment.MEAN_STD['cifar10']
+  mean, std = MEAN_STD['cifar10']
   step = make_train_step(mesh, encoder=encoder, optimizer=optimizer,
                          schedule=schedule, moco_config=MOCO,
                          augment_config=dict(recipe='none', mean=mean, std=std))

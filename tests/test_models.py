@@ -191,5 +191,5 @@ def test_batch_norm_module_gradients_match_autodiff(dtype):
 
 
 def test_cpu_tuning_is_a_no_op_off_cpu():
-  from moco_jax import cpu_tuning
+  from moco_jax.runtime import cpu_tuning
   assert cpu_tuning.apply(backend='gpu') is False

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TINY_DATASET, smoke_config
-from moco_jax import checkpointing, distributed, train
-from moco_jax.metric_writer import read_metrics
+from moco_jax.runtime import checkpointing
+from moco_jax.runtime import distributed
+from moco_jax.runtime.metric_writer import read_metrics
+from moco_jax.experiment import Experiment
 
 TIMEOUT_S = 420   # per group of child processes; a healthy run takes ~1-2 min
 STEPS = 3
@@ -171,7 +173,7 @@ def test_cli_on_two_processes_writes_one_run(tiny_data_dir, tmp_path):
   assert checkpointer.all_steps() == [2, 4]
   assert not [n for n in os.listdir(checkpointer.directory) if 'tmp' in n]
   config = smoke_config(tiny_data_dir)
-  state = checkpointer.restore(train.Experiment(config).abstract_state())
+  state = checkpointer.restore(Experiment(config).abstract_state())
   checkpointer.close()
   assert int(state.step) == 4
   assert np.isfinite(np.asarray(state.queue)).all()

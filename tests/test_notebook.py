@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from nbclient import NotebookClient
 
-from moco_jax.metric_writer import read_metrics
+from moco_jax.runtime.metric_writer import read_metrics
+from moco_jax.config.normalization import MEAN_STD
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, 'notebooks', 'quickstart.ipynb')
@@ -62,7 +63,9 @@ def test_quickstart_runs_in_quick_mode(tmp_path):
   lincls_events = read_metrics(os.path.join(workdir, 'lincls'))
   assert any('lincls_top1' in e for e in lincls_events), lincls_events
 
-  from moco_jax import augment, export, pretrained
+  from moco_jax import augment
+  from moco_jax.weights import export
+  from moco_jax.weights import pretrained
   config = pretrained.load_config(workdir)
   assert config.moco.bn_splits == 8 and config.train.batch_size == 64
   for name in ('views.png', 'loss.png', 'knn.png', 'retrieval.png'):
@@ -71,7 +74,7 @@ def test_quickstart_runs_in_quick_mode(tmp_path):
   (flax_path,) = glob.glob(os.path.join(workdir, 'export',
                                         f'flax_backbone_step{last_step}.msgpack'))
   backbone, variables = export.load_flax_backbone(flax_path)
-  mean, std = augment.MEAN_STD['cifar10']
+  mean, std = MEAN_STD['cifar10']
   features = backbone.apply(variables, augment.normalize(np.zeros((2, 32, 32, 3)), mean, std),
                             train=False)
   assert features.shape == (2, backbone.num_features) and np.all(np.isfinite(features))

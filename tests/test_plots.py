@@ -1,7 +1,7 @@
 """plots.py draws from metrics and arrays without a display (Agg)."""
 import numpy as np
 
-from moco_jax import plots
+from moco_jax.evaluation import plots
 
 
 def test_curves_views_and_retrieval_are_written(tmp_path):

@@ -16,8 +16,8 @@ import pytest
 
 from conftest import smoke_config
 from test_train import cli_command, restored_state, run_cli, tree_digest
-from moco_jax import checkpointing
-from moco_jax.metric_writer import read_metrics
+from moco_jax.runtime import checkpointing
+from moco_jax.runtime.metric_writer import read_metrics
 
 STEPS = 24
 ARGS = (f'--config.train.num_steps={STEPS}', '--config.train.log_every=1',

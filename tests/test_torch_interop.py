@@ -13,7 +13,7 @@ torch = pytest.importorskip('torch', reason='PyTorch interop needs torch')
 torchvision = pytest.importorskip('torchvision',
                                   reason='PyTorch interop needs torchvision')
 
-from moco_jax import export, import_weights  # noqa: E402
+from moco_jax.weights import export, import_weights  # noqa: E402
 from moco_jax.models import build_encoder, resnet  # noqa: E402
 
 SIZE = 100  # odd feature-map sizes (50, 25, 13, 7, 4) exercise the padding

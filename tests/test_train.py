@@ -10,12 +10,15 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TINY_DATASET, smoke_config
-from moco_jax import checkpointing, input_pipeline, train
-from moco_jax.metric_writer import read_metrics
+from moco_jax import train
+from moco_jax.runtime import checkpointing
+from moco_jax.data import pipeline
+from moco_jax.runtime.metric_writer import read_metrics
+from moco_jax.experiment import Experiment
 
 
 def restored_state(config, workdir, step):
-  experiment = train.Experiment(config)
+  experiment = Experiment(config)
   checkpointer = checkpointing.Checkpointer(workdir)
   state = checkpointer.restore(experiment.abstract_state(), step)
   checkpointer.close()
@@ -27,7 +30,7 @@ def test_resume_is_exact(tiny_data_dir, tmp_path, monkeypatch):
   straight, interrupted = str(tmp_path / 'straight'), str(tmp_path / 'interrupted')
   train.train_and_evaluate(config, straight)
 
-  real_next, served = input_pipeline.TrainBatches.__next__, []
+  real_next, served = pipeline.TrainBatches.__next__, []
 
   def dies_after_two_batches(batches):
     if len(served) == 2:
@@ -35,10 +38,10 @@ def test_resume_is_exact(tiny_data_dir, tmp_path, monkeypatch):
     served.append(1)
     return real_next(batches)
 
-  monkeypatch.setattr(input_pipeline.TrainBatches, '__next__', dies_after_two_batches)
+  monkeypatch.setattr(pipeline.TrainBatches, '__next__', dies_after_two_batches)
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(config, interrupted)
-  monkeypatch.setattr(input_pipeline.TrainBatches, '__next__', real_next)
+  monkeypatch.setattr(pipeline.TrainBatches, '__next__', real_next)
   assert checkpointing.Checkpointer(interrupted).all_steps() == [2]
   train.train_and_evaluate(config, interrupted)             # resumes at step 2
 

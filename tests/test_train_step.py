@@ -9,6 +9,7 @@ from moco_jax import augment, moco, optim
 from moco_jax.models import Encoder, ProjectionHead, ResNet
 from moco_jax.state import create_state
 from moco_jax.train_step import make_train_step
+from moco_jax.config.normalization import MEAN_STD
 
 GLOBAL_BATCH, IMAGE_SIZE, QUEUE, DIM = 32, 16, 64, 8
 OPTIM = ml_collections.ConfigDict(dict(name='sgd', base_lr=0.03, momentum=0.9,
@@ -26,7 +27,7 @@ def setup(num_devices, bn_splits, recipe='v2', shuffle_bn=True):
   optimizer = optim.build_optimizer(OPTIM, schedule)
   moco_config = ml_collections.ConfigDict(dict(momentum=0.9, temperature=0.2,
                                                shuffle_bn=shuffle_bn))
-  mean, std = augment.MEAN_STD['cifar10']
+  mean, std = MEAN_STD['cifar10']
   step = make_train_step(mesh, encoder=encoder, optimizer=optimizer, schedule=schedule,
                          moco_config=moco_config,
                          augment_config=dict(recipe=recipe, mean=mean, std=std))
@@ -75,7 +76,7 @@ def test_eight_devices_equal_one_device_with_eight_bn_splits():
 
 def reference_keys(encoder, state, images_k, groups, permutation):
   """Keys by hand: permute the global batch, BN per group, inverse-permute."""
-  mean, std = augment.MEAN_STD['cifar10']
+  mean, std = MEAN_STD['cifar10']
   x = augment.normalize(images_k, mean, std)
   x = x if permutation is None else x[permutation]
   variables = {'params': state.target_params, 'batch_stats': state.target_batch_stats}

@@ -29,7 +29,7 @@ def _xla_conv(x, kernel, strides, padding):
                                   dimension_numbers=_DIMS)
 
 
-def _phases(x, strides, padding):
+def stride_phases(x, strides, padding):
   """Pads x, splits it by stride phase and puts channels first.
 
   x: (N, H, W, C) -> xs: (sh, sw, C, N, Hq, Wq) with xs[a, b, c, n, h, w] =
@@ -52,7 +52,7 @@ def _kernel_grad(x, g, kernel_hw, strides, padding):
   cin = x.shape[-1]
   # Channels-first makes each product (kw*Cin, M) @ (M, Cout), the layout CPU
   # matmuls are fastest in (~2x over contracting the leading dim of both).
-  xs = _phases(x, strides, padding)
+  xs = stride_phases(x, strides, padding)
   g = g.reshape(-1, cout)
 
   def row(_, i):

@@ -19,7 +19,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from moco_jax import convert, export
+from moco_jax.weights import convert
+from moco_jax.weights import export
 
 
 class TorchMissingError(convert.WeightsError, ImportError):

@@ -8,7 +8,7 @@ the model comes from the pretraining run's saved config.
 """
 import ml_collections
 
-from moco_jax.config_base import train_section
+from moco_jax.config.base import train_section
 
 
 def lincls_base_config() -> ml_collections.ConfigDict:

@@ -3,7 +3,7 @@
 The colour part of the augmentation runs on the device (augment.py). The
 order of examples and every crop are functions of (seed, epoch, position), so
 a run resumed at step s sees exactly the batches an uninterrupted run would.
-Each process reads its own disjoint part of the split (data_sources) and
+Each process reads its own disjoint part of the split (data/sources.py) and
 yields its local share of the global batch.
 
 Images are decoded once and cropped twice; with data.fused_jpeg_crop a JPEG
@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from moco_jax.data_sources import (DatasetError, DatasetInfo, dataset_info,  # noqa: F401 (re-exported)
+from moco_jax.data.sources import (DatasetError, DatasetInfo, dataset_info,  # noqa: F401 (re-exported)
                                    process_split)
 
 # Keep TensorFlow off accelerators and quiet; JAX owns the devices.

@@ -10,7 +10,8 @@ import ml_collections
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moco_jax import checkpointing, optim
+from moco_jax import optim
+from moco_jax.runtime import checkpointing
 from moco_jax.models import build_encoder
 from moco_jax.state import create_state
 

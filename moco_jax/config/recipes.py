@@ -5,7 +5,7 @@ installed moco_jax builds its config from here.
 """
 import ml_collections
 
-from moco_jax.config_base import base_config
+from moco_jax.config.base import base_config
 
 
 def cifar10_demo() -> ml_collections.ConfigDict:

@@ -18,10 +18,12 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moco_jax import augment, input_pipeline
-from moco_jax.config_checks import ConfigError
+from moco_jax import augment
+from moco_jax.data import pipeline
+from moco_jax.config.checks import ConfigError
 from moco_jax.models import resnet
-from moco_jax.train_step import AXIS
+from moco_jax.runtime.mesh import AXIS
+from moco_jax.config.normalization import MEAN_STD
 
 # Bank rows compared with an evaluation batch at a time: a (batch, chunk)
 # float32 similarity block, 16 MB for a batch of 512.
@@ -152,16 +154,16 @@ class KnnEvaluator:
                        f'the {devices} devices')
     self.config, self.mesh = config, mesh
     self.k, self.temperature, self.chunk = config.eval.knn_k, config.eval.knn_t, chunk
-    self.num_classes = input_pipeline.dataset_info(config.data).num_classes
+    self.num_classes = pipeline.dataset_info(config.data).num_classes
     if self.num_classes <= 0:
-      raise input_pipeline.DatasetError(
+      raise pipeline.DatasetError(
           f'data.dataset {config.data.dataset!r} has no class labels for kNN')
     local_batch = batch // jax.process_count()
-    self.bank_batches = input_pipeline.eval_batches(
+    self.bank_batches = pipeline.eval_batches(
         config.data, config.data.train_split, local_batch)
-    self.test_batches = input_pipeline.eval_batches(
+    self.test_batches = pipeline.eval_batches(
         config.data, config.data.eval_split, local_batch)
-    mean, std = augment.MEAN_STD[config.data.normalization]
+    mean, std = MEAN_STD[config.data.normalization]
     backbone = backbone_from_config(config)
     self.num_features = backbone.num_features
     self.features = features_fn(backbone, mean, std)

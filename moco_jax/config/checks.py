@@ -4,6 +4,7 @@ from moco_jax.models import fast_conv
 from moco_jax.models.heads import HEADS
 from moco_jax.models.resnet import ARCHS
 from moco_jax.optim import OPTIMIZERS, SCHEDULES
+from moco_jax.config.normalization import MEAN_STD
 
 DTYPES = ('float32', 'bfloat16')
 
@@ -26,7 +27,7 @@ def config_problems(config, num_devices: int) -> list[str]:
   _choice(problems, 'model.conv_impl', config.model.conv_impl, fast_conv.IMPLS)
   _choice(problems, 'data.augment', config.data.augment, augment.RECIPES)
   _choice(problems, 'data.normalization', config.data.normalization,
-          tuple(augment.MEAN_STD))
+          tuple(MEAN_STD))
   _choice(problems, 'optim.name', config.optim.name, OPTIMIZERS)
   _choice(problems, 'optim.schedule', config.optim.schedule, SCHEDULES)
   _choice(problems, 'dtype', config.dtype, DTYPES)

@@ -1,4 +1,5 @@
-"""Orbax checkpoints of the whole MoCoState (queue and rng included) + config.
+"""Orbax checkpoints of a training state (for pretraining the whole MoCoState,
+queue and rng included; for linear evaluation the linear layer's) + the config.
 
 Saves are asynchronous and atomic (orbax writes to a temporary directory and
 renames it when complete), so an interrupted save never becomes "latest".
@@ -10,12 +11,13 @@ import shutil
 import sys
 import tempfile
 import time
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from moco_jax.state import MoCoState
+PyTree = Any  # a flax.struct dataclass of arrays
 
 CHECKPOINT_SUBDIR = 'checkpoints'
 CORRUPT_SUBDIR = 'corrupt_checkpoints'
@@ -131,13 +133,13 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, step: int, state: MoCoState, config: dict) -> None:
+  def save(self, step: int, state: PyTree, config: dict) -> None:
     """Starts an (asynchronous) save of the state and the config at `step`."""
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         config=ocp.args.JsonSave(json.loads(json.dumps(config)))))
 
-  def restore(self, abstract_state: MoCoState, step: int | None = None) -> MoCoState:
+  def restore(self, abstract_state: PyTree, step: int | None = None) -> PyTree:
     """The state at `step` (default: newest) with abstract_state's structure,
     shapes and shardings (e.g. from jax.eval_shape)."""
     step = self.latest_step() if step is None else step
@@ -146,7 +148,7 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state)))
     return restored.state
 
-  def restore_newest_valid(self, abstract_state: MoCoState) -> MoCoState:
+  def restore_newest_valid(self, abstract_state: PyTree) -> PyTree:
     """The newest checkpoint that reads back whole.
 
     An unreadable one (truncated or missing file, bad metadata) is moved to
@@ -203,7 +205,7 @@ class Checkpointer:
     self._manager.close()
 
 
-def abstract_like(state) -> MoCoState:
+def abstract_like(state) -> PyTree:
   """ShapeDtypeStructs (with shardings) describing `state`, for restore."""
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)

@@ -1,0 +1,295 @@
+"""Linear evaluation of a pretraining run (the MoCo v1/v2 protocol); the
+command line is moco_jax/lincls.py.
+
+A linear layer is trained on features of the frozen query-encoder backbone
+(BN in inference mode, features computed per step so crops can vary, no
+gradient through the backbone), data-parallel over a 'data' mesh of every
+device. OUT gets metrics.jsonl (`loss`, `train_top1`, `lr`; `lincls_top1`,
+`lincls_top5` on data.eval_split), TensorBoard events and orbax checkpoints of
+the linear layer (rerun the command to resume). At the end the backbone is
+checked to be bit-identical to the pretrained checkpoint.
+"""
+import os
+import time
+from typing import Any
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from moco_jax import augment, optim
+from moco_jax.runtime import checkpointing
+from moco_jax.evaluation import knn
+from moco_jax.data import pipeline
+from moco_jax.weights import pretrained
+from moco_jax.config.checks import ConfigError, train_section_problems
+from moco_jax.runtime.metric_writer import MetricWriter
+from moco_jax.runtime.mesh import AXIS, make_mesh
+from moco_jax.config.normalization import MEAN_STD
+from moco_jax.experiment import steps_per_epoch, total_steps
+
+
+class BackboneChangedError(RuntimeError):
+  """A backbone tensor differs from the pretrained checkpoint's."""
+
+
+@flax.struct.dataclass
+class LinearState:
+  """params: the linear layer {'kernel': (F, classes), 'bias': (classes,)};
+  opt_state: its optax state; step: int32 scalar."""
+  params: Any
+  opt_state: Any
+  step: jax.Array
+
+
+def linear_head(num_classes: int) -> nn.Dense:
+  """The reference's new fc: weights N(0, 0.01), bias 0."""
+  return nn.Dense(num_classes, kernel_init=nn.initializers.normal(0.01),
+                  bias_init=nn.initializers.zeros, name='fc')
+
+
+def config_problems(config, num_devices: int, num_classes: int) -> list[str]:
+  """Problems with a linear-evaluation config, one line each."""
+  problems = []
+  if not config.pretrained:
+    problems.append('pretrained is empty: give --config.pretrained=PRETRAIN_DIR')
+  for key in ('train.batch_size', 'eval.batch_size'):
+    section, name = key.split('.')
+    batch = config[section][name]
+    if batch <= 0 or batch % num_devices:
+      problems.append(f'{key}={batch} is not a positive multiple of the '
+                      f'{num_devices} devices')
+  if config.data.normalization not in MEAN_STD:
+    problems.append(f'data.normalization={config.data.normalization!r} is not one of '
+                    f'{", ".join(MEAN_STD)}, or empty for the pretraining run\'s')
+  if num_classes <= 0:
+    problems.append(f'data.dataset={config.data.dataset!r} has no class labels')
+  if config.optim.name not in optim.OPTIMIZERS:
+    problems.append(f'optim.name={config.optim.name!r} is not one of '
+                    f'{", ".join(optim.OPTIMIZERS)}')
+  if config.optim.schedule not in optim.SCHEDULES:
+    problems.append(f'optim.schedule={config.optim.schedule!r} is not one of '
+                    f'{", ".join(optim.SCHEDULES)}')
+  return problems + train_section_problems(config)
+
+
+def _logits_fn(backbone, head, mean, std):
+  def logits(head_params, backbone_vars, images):
+    x = augment.normalize(images, mean, std)
+    features = backbone.apply(backbone_vars, x, train=False)
+    features = jax.lax.stop_gradient(features.astype(jnp.float32))
+    return head.apply({'params': head_params}, features)
+  return logits
+
+
+def make_train_step(mesh, logits_fn, optimizer, schedule):
+  """Jitted (state, backbone_vars, images, labels) -> (state, metrics).
+
+  images (B, S, S, 3) uint8 and labels (B,) are sharded over 'data'; the
+  state is replicated and donated; backbone_vars are only read.
+  """
+  def step(state, backbone_vars, images, labels):
+    def loss_fn(params):
+      logits = logits_fn(params, backbone_vars, images)
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      return loss, logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = jax.lax.pmean(grads, AXIS)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    metrics = jax.lax.pmean({
+        'loss': loss,
+        'train_top1': 100 * jnp.mean(jnp.argmax(logits, -1) == labels)}, AXIS)
+    metrics['lr'] = jnp.asarray(schedule(state.step), jnp.float32)
+    return LinearState(params=optax.apply_updates(state.params, updates),
+                       opt_state=opt_state, step=state.step + 1), metrics
+
+  mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P(AXIS), P(AXIS)),
+                         out_specs=(P(), P()), check_vma=False)
+  return jax.jit(mapped, donate_argnums=(0,))
+
+
+def make_eval_step(mesh, logits_fn):
+  """Jitted (head_params, backbone_vars, images, labels, mask) ->
+  {'top1', 'top5', 'count'}: correct and valid examples of the global batch."""
+  def step(head_params, backbone_vars, images, labels, mask):
+    logits = logits_fn(head_params, backbone_vars, images)
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    hits = top5 == labels[:, None]
+    return jax.lax.psum({'top1': jnp.sum(hits[:, 0] & mask),
+                         'top5': jnp.sum(jnp.any(hits, axis=1) & mask),
+                         'count': jnp.sum(mask)}, AXIS)
+
+  mapped = jax.shard_map(step, mesh=mesh, out_specs=P(), check_vma=False,
+                         in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS)))
+  return jax.jit(mapped)
+
+
+def check_backbone_unchanged(backbone_vars, reference_vars) -> None:
+  """Raises BackboneChangedError unless every tensor is bit-identical."""
+  got, want = jax.device_get(backbone_vars), jax.device_get(reference_vars)
+  if jax.tree.structure(got) != jax.tree.structure(want):
+    raise BackboneChangedError('the backbone variables changed structure')
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got),
+                          jax.tree.leaves(want)):
+    if a.dtype != b.dtype or not np.array_equal(a, b):
+      raise BackboneChangedError(
+          f'backbone tensor {jax.tree_util.keystr(path)} differs from the '
+          f'pretrained checkpoint after linear evaluation')
+
+
+class LinearEval:
+  """Everything derived from a linear-evaluation config and its pretrained run."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh=None):
+    self.mesh = mesh or make_mesh()
+    config = config.copy_and_resolve_references()
+    if not config.pretrained:
+      raise ConfigError('pretrained is empty: give --config.pretrained=PRETRAIN_DIR')
+    if os.path.abspath(workdir) == os.path.abspath(config.pretrained):
+      raise ConfigError(f'--workdir={workdir} is the pretraining run itself; give '
+                        f'linear evaluation its own workdir')
+    if config.pretrained_step < 0:
+      # Resume on the backbone the run started with, even if newer ones exist.
+      try:
+        config.pretrained_step = pretrained.load_config(workdir).pretrained_step
+      except pretrained.PretrainedError:
+        pass  # a fresh run
+    config.pretrained_step = pretrained.checkpoint_step(config.pretrained,
+                                                        config.pretrained_step)
+    pre_config = pretrained.load_config(config.pretrained, config.pretrained_step)
+    if not config.data.normalization:
+      config.data.normalization = pre_config.data.normalization
+    self.info = pipeline.dataset_info(config.data)
+    problems = config_problems(config, self.mesh.size, self.info.num_classes)
+    if problems:
+      raise ConfigError('; '.join(problems))
+    self.config, self.pre_config = config, pre_config
+    self.epoch_steps = steps_per_epoch(config, self.info)
+    if self.epoch_steps == 0:
+      raise pipeline.DatasetError(
+          f'train.batch_size={config.train.batch_size} is larger than the '
+          f'{self.info.num_examples} training examples of {self.info.name!r}')
+    self.total_steps = total_steps(config, self.epoch_steps)
+    # lr 30 is used as given at any batch size, as the reference does,
+    # unless optim.scale_lr makes it per 256 images.
+    lr_batch = config.train.batch_size if config.optim.scale_lr else 256
+    self.schedule = optim.learning_rate_schedule(
+        config.optim, lr_batch, self.epoch_steps, self.total_steps)
+    self.optimizer = optim.build_optimizer(config.optim, self.schedule)
+    self.head = linear_head(self.info.num_classes)
+    mean, std = MEAN_STD[config.data.normalization]
+    self.logits_fn = _logits_fn(knn.backbone_from_config(pre_config),
+                                self.head, mean, std)
+    self.batch_sharding = NamedSharding(self.mesh, P(AXIS))
+    self.replicated = NamedSharding(self.mesh, P())
+    self.checkpointer = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
+
+  def load_backbone(self):
+    """{'params', 'batch_stats'} of the pretrained query backbone."""
+    run = pretrained.load(self.config.pretrained, self.mesh,
+                          self.config.pretrained_step, self.pre_config)
+    return {'params': run.params, 'batch_stats': run.batch_stats}
+
+  def init_state(self):
+    """A fresh replicated state (the linear layer from config.seed)."""
+    num_features = knn.backbone_from_config(self.pre_config).num_features
+
+    def create(rng):
+      params = self.head.init(rng, jnp.zeros((1, num_features)))['params']
+      return LinearState(params=params, opt_state=self.optimizer.init(params),
+                         step=jnp.zeros((), jnp.int32))
+
+    return jax.jit(create, out_shardings=self.replicated)(
+        jax.random.PRNGKey(self.config.seed))
+
+  def to_global(self, local):
+    return jax.make_array_from_process_local_data(self.batch_sharding, local)
+
+  def evaluate(self, eval_step, head_params, backbone_vars, batches) -> dict:
+    """{'lincls_top1', 'lincls_top5'}: percent of data.eval_split."""
+    totals = {'top1': 0, 'top5': 0, 'count': 0}
+    for batch in batches:
+      counts = jax.device_get(eval_step(
+          head_params, backbone_vars, self.to_global(batch['image']),
+          self.to_global(batch['label']), self.to_global(batch['mask'])))
+      totals = {key: totals[key] + int(counts[key]) for key in totals}
+    return {f'lincls_{key}': 100.0 * totals[key] / totals['count']
+            for key in ('top1', 'top5')}
+
+
+def linear_evaluation(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains and evaluates the linear layer; resumes from workdir.
+
+  Returns:
+    The final {'lincls_top1', 'lincls_top5'} (percent).
+
+  Raises:
+    BackboneChangedError if the backbone no longer equals the checkpoint's.
+  """
+  run = LinearEval(config, workdir)
+  config, checkpointer = run.config, run.checkpointer
+  backbone_vars = run.load_backbone()
+  if checkpointer.latest_step() is not None:
+    abstract = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=run.replicated),
+        jax.eval_shape(run.init_state))
+    state = checkpointer.restore(abstract)
+  else:
+    state = run.init_state()
+  start_step, last_step = int(state.step), run.total_steps
+  is_main = jax.process_index() == 0
+  writer = MetricWriter(workdir, enabled=is_main)
+  processes = jax.process_count()
+  batches = pipeline.labelled_batches(
+      config.data, config.train.batch_size // processes, config.seed, start_step)
+  eval_batches = pipeline.eval_batches(
+      config.data, config.data.eval_split, config.eval.batch_size // processes)
+  train_step = make_train_step(run.mesh, run.logits_fn, run.optimizer, run.schedule)
+  eval_step = make_eval_step(run.mesh, run.logits_fn)
+  eval_every = config.eval.every_epochs * run.epoch_steps
+  results = {}
+  try:
+    window_start, window_steps = time.perf_counter(), 0
+    for step in range(start_step, last_step):
+      batch = next(batches)
+      state, metrics = train_step(state, backbone_vars, run.to_global(batch['image']),
+                                  run.to_global(batch['label']))
+      done, window_steps = step + 1, window_steps + 1
+      if done % config.train.log_every == 0 or done == last_step:
+        scalars = {k: v.item() for k, v in jax.device_get(metrics).items()}
+        elapsed = time.perf_counter() - window_start
+        scalars.update(epoch=done / run.epoch_steps,
+                       images_per_sec=window_steps * config.train.batch_size / elapsed)
+        writer.write(done, scalars)
+        window_start, window_steps = time.perf_counter(), 0
+      if (eval_every and done % eval_every == 0) or done == last_step:
+        results = run.evaluate(eval_step, state.params, backbone_vars, eval_batches)
+        writer.write(done, results)
+        if is_main:
+          print(f'step {done}/{last_step}: top1 {results["lincls_top1"]:.2f} '
+                f'top5 {results["lincls_top5"]:.2f}', flush=True)
+      if done % config.train.checkpoint_every == 0 or done == last_step:
+        checkpointer.save(done, state, config.to_dict())
+  finally:
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+  if not results:  # resumed a finished run
+    results = run.evaluate(eval_step, state.params, backbone_vars, eval_batches)
+  # As the reference's sanity check: the frozen backbone must equal the
+  # checkpoint it was loaded from, tensor by tensor.
+  check_backbone_unchanged(backbone_vars, run.load_backbone())
+  if is_main:
+    print(f'lincls: top1 {results["lincls_top1"]:.2f} top5 '
+          f'{results["lincls_top5"]:.2f} after {last_step} steps on '
+          f'{config.pretrained} (step {config.pretrained_step}); backbone unchanged',
+          flush=True)
+  return results

@@ -1,0 +1,250 @@
+"""Exports the query encoder's backbone of a pretraining run
+(the command line is moco_jax/export.py).
+
+Formats:
+  flax         .msgpack: {'model': arch info, 'params', 'batch_stats', ...};
+               `backbone, variables = load_flax_backbone(path)`.
+  torchvision  a state_dict with torchvision names: .pth when torch is
+               installed, else .npz (same names; `np.load`).
+  detectron2   .pkl as the MoCo reference conversion writes it:
+               {'model': {name: array}, '__author__': 'MOCO',
+               'matching_heuristics': True}.
+The projection head is left out unless --with_head (torchvision/Detectron2:
+under the reference's names `fc.*` or `fc.0.*`/`fc.2.*`).
+"""
+import functools
+import os
+import pickle
+import sys
+
+import flax.serialization
+import jax
+import ml_collections
+import numpy as np
+
+from moco_jax import optim
+from moco_jax.runtime import checkpointing
+from moco_jax.weights import convert
+from moco_jax.models import build_encoder, resnet
+from moco_jax.state import create_state
+from moco_jax.config.normalization import MEAN_STD
+
+FORMATS = ('flax', 'torchvision', 'detectron2')
+FLAX_FORMAT = 'moco_jax.backbone'
+
+
+class ExportError(ValueError):
+  """A bad workdir, step, format or output path; one line naming it."""
+
+
+def _torch():
+  try:
+    import torch
+    return torch
+  except ImportError:
+    return None
+
+
+def abstract_state(config: ml_collections.ConfigDict):
+  """The MoCoState's shapes for `config`, on the first CPU device.
+
+  Unlike Experiment this needs neither the dataset nor the run's devices.
+  """
+  encoder = build_encoder(config.model, config.moco.bn_splits)
+  # The schedule's values never change the optimiser state's structure.
+  schedule = optim.learning_rate_schedule(config.optim, config.train.batch_size,
+                                          steps_per_epoch=1, total_steps=1)
+  optimizer = optim.build_optimizer(config.optim, schedule)
+  shapes = jax.eval_shape(functools.partial(
+      create_state, encoder, optimizer, image_size=config.data.image_size,
+      queue_size=config.moco.queue_size, dim=config.model.dim,
+      bn_splits=config.moco.bn_splits), jax.random.PRNGKey(0))
+  cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend='cpu')[0])
+  return jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cpu), shapes)
+
+
+def restore_encoder(workdir: str, step: int | None = None):
+  """The query encoder of a run's checkpoint.
+
+  Returns:
+    (config, step, variables): the run's ConfigDict, the checkpoint's step and
+    the encoder's {'params': {'backbone', 'head'}, 'batch_stats':
+    {'backbone'}} as numpy arrays.
+
+  Raises:
+    ExportError: no checkpoints in workdir, or no checkpoint at `step`.
+  """
+  directory = os.path.join(workdir, checkpointing.CHECKPOINT_SUBDIR)
+  if not os.path.isdir(directory):
+    raise ExportError(f'--workdir={workdir!r} has no {checkpointing.CHECKPOINT_SUBDIR}/ '
+                      'directory: not a pretraining workdir')
+  checkpointer = checkpointing.Checkpointer(workdir, async_save=False)
+  try:
+    steps = checkpointer.all_steps()
+    if not steps:
+      raise ExportError(f'--workdir={workdir!r} has no checkpoint yet')
+    step = max(steps) if step is None else step
+    if step not in steps:
+      raise ExportError(f'--step={step} has no checkpoint in {workdir!r}; '
+                        f'available: {", ".join(map(str, sorted(steps)))}')
+    config = ml_collections.ConfigDict(checkpointer.restore_config(step))
+    state = checkpointer.restore(abstract_state(config), step)
+  finally:
+    checkpointer.close()
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  return config, step, jax.tree.map(np.asarray, variables)
+
+
+def model_info(config) -> dict:
+  """What load_flax_backbone needs to rebuild the ResNet, plus input facts."""
+  mean, std = MEAN_STD[config.data.normalization]
+  return dict(arch=config.model.arch,
+              width_multiplier=float(config.model.width_multiplier),
+              cifar_stem=bool(config.model.cifar_stem),
+              image_size=int(config.data.image_size), mean=list(mean),
+              std=list(std))
+
+
+def _backbone(variables):
+  return {'params': variables['params']['backbone'],
+          'batch_stats': variables['batch_stats']['backbone']}
+
+
+def torchvision_state_dict(variables, step: int = 0, with_head: bool = False):
+  """Encoder variables -> {torchvision name: numpy array}."""
+  flat = convert.to_torchvision(_backbone(variables), num_batches_tracked=step)
+  if with_head:
+    flat.update(convert.to_torchvision({'params': variables['params']['head']}))
+  return flat
+
+
+def save_flax(path: str, config, step: int, variables, with_head: bool = False):
+  """Writes the backbone (and head) as one msgpack file."""
+  tree = dict(format=FLAX_FORMAT, version=1, step=int(step),
+              model=model_info(config), **_backbone(variables))
+  if with_head:
+    head = variables['params']['head']
+    hidden = head['fc_0']['kernel'].shape[1] if 'fc_0' in head else 0
+    tree['head'] = dict(kind=config.model.head, dim=int(config.model.dim),
+                        hidden_dim=int(hidden), params=head)
+  _write(path, flax.serialization.msgpack_serialize(tree))
+
+
+def read_flax_export(path: str) -> dict:
+  """The raw tree of a flax export: format, version, step, model, params,
+  batch_stats[, head]."""
+  with open(path, 'rb') as f:
+    tree = flax.serialization.msgpack_restore(f.read())
+  if not isinstance(tree, dict) or tree.get('format') != FLAX_FORMAT:
+    raise convert.WeightsError(f'{path!r} is not a moco_jax Flax export (written by '
+                      '`python -m moco_jax.export --format=flax`)')
+  return tree
+
+
+def load_flax_backbone(path: str, **overrides):
+  """Rebuilds an exported backbone.
+
+  Args:
+    path: a `--format=flax` export.
+    **overrides: ResNet attributes to set, e.g. dtype=jnp.bfloat16.
+
+  Returns:
+    (module, variables): a models.ResNet and its {'params', 'batch_stats'};
+    `module.apply(variables, images, train=False)` maps normalised images
+    (N, H, W, 3) to features (N, module.num_features).
+  """
+  tree = read_flax_export(path)
+  info = tree['model']
+  module = resnet(info['arch'], width_multiplier=info['width_multiplier'],
+                  cifar_stem=info['cifar_stem'], **overrides)
+  return module, {'params': tree['params'], 'batch_stats': tree['batch_stats']}
+
+
+def flax_export_to_torchvision(path: str) -> dict:
+  """A flax export's arrays under torchvision names (head: fc.*)."""
+  tree = read_flax_export(path)
+  flat = convert.to_torchvision({'params': tree['params'],
+                                 'batch_stats': tree['batch_stats']})
+  if 'head' in tree:
+    flat.update(convert.to_torchvision({'params': tree['head']['params']}))
+  return flat
+
+
+def _write(path: str, data: bytes):
+  """Writes via a temporary file, so `path` is never half-written."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'wb') as f:
+    f.write(data)
+  os.replace(tmp, path)
+
+
+def save_torchvision(path: str, flat: dict):
+  """.pth (torch.save of a state_dict of tensors) or .npz, by extension."""
+  if path.endswith('.npz'):
+    tmp = f'{path}.tmp{os.getpid()}.npz'
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    np.savez(tmp, **flat)
+    os.replace(tmp, path)
+    return
+  torch = _torch()
+  if torch is None:
+    raise ExportError(f'--output={path!r} needs PyTorch (pip install torch); '
+                      'or write a .npz with the same names')
+  state_dict = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in flat.items()}
+  tmp = f'{path}.tmp{os.getpid()}'
+  torch.save(state_dict, tmp)
+  os.replace(tmp, path)
+
+
+def save_detectron2(path: str, flat: dict):
+  obj = {'model': convert.to_detectron2(flat), '__author__': 'MOCO',
+         'matching_heuristics': True}
+  _write(path, pickle.dumps(obj))
+
+
+_EXTENSIONS = {'flax': ('.msgpack',), 'torchvision': ('.pth', '.pt', '.npz'),
+               'detectron2': ('.pkl',)}
+
+
+def default_output(workdir: str, fmt: str, step: int, with_head: bool) -> str:
+  ext = {'flax': '.msgpack', 'detectron2': '.pkl',
+         'torchvision': '.pth' if _torch() else '.npz'}[fmt]
+  what = 'encoder' if with_head else 'backbone'
+  return os.path.join(workdir, 'export', f'{fmt}_{what}_step{step}{ext}')
+
+
+def export(workdir: str, fmt: str, output: str | None = None,
+           step: int | None = None, with_head: bool = False) -> str:
+  """Exports the newest (or `step`'s) query encoder; returns the file written.
+
+  Raises:
+    ExportError: bad workdir, step, format or output extension.
+  """
+  if fmt not in FORMATS:
+    raise ExportError(f'--format={fmt!r} is not one of {", ".join(FORMATS)}')
+  if output and not output.endswith(_EXTENSIONS[fmt]):
+    raise ExportError(f'--output={output!r} for --format={fmt} must end with '
+                      f'{" or ".join(_EXTENSIONS[fmt])}')
+  if output and output.endswith(('.pth', '.pt')) and _torch() is None:
+    raise ExportError(f'--output={output!r} needs PyTorch (pip install torch); '
+                      'or write a .npz with the same names')
+  config, step, variables = restore_encoder(workdir, step)
+  output = output or default_output(workdir, fmt, step, with_head)
+  if fmt == 'flax':
+    save_flax(output, config, step, variables, with_head)
+    return output
+  changes = ((['conv1 3x3 stride 1 and no max-pool'] if config.model.cifar_stem else [])
+             + ([f'every width x{config.model.width_multiplier:g}']
+                if config.model.width_multiplier != 1 else []))
+  if changes:
+    print(f'note: this {config.model.arch} is not a stock torchvision/Detectron2 '
+          f'one; build the model with {" and ".join(changes)} to load it',
+          file=sys.stderr)
+  flat = torchvision_state_dict(variables, step, with_head)
+  if fmt == 'torchvision':
+    save_torchvision(output, flat)
+  else:
+    save_detectron2(output, flat)
+  return output
