@@ -4,7 +4,7 @@ Both run in one process, alternating step by step so that they see the same
 machine load, with the same number of threads (2 by default):
 
   ours   moco_jax.train_step on configs/moco_v2_r18_cifar10.py with the MLP
-         head, conv_impl 'auto', bn_splits 8, K 4096, images already on the
+         head, conv_impl 'auto', 8 BN groups, K 4096, images already on the
          device as uint8 (augment 'none' by default: normalisation only, since
          the torch step gets ready-made float tensors; --augment=cifar times
          the real on-device colour augmentation too).
@@ -138,7 +138,7 @@ def ours_config(args):
   c.model.head = 'mlp'
   c.model.width_multiplier = args.width
   c.model.conv_impl = 'auto'
-  c.moco.bn_splits = 8
+  c.moco.bn_groups = 8             # one device: 8 groups, as the torch SplitBN 8
   c.moco.queue_size = 4096
   c.data.augment = args.augment
   c.train.batch_size = args.batch

@@ -55,9 +55,12 @@ def load_baseline(rev):
 
 
 def build(resnet_module, args):
+  # A --baseline revision may predate the rename of bn_splits to bn_groups.
+  groups = ('bn_groups' if 'bn_groups' in resnet_module.ResNet.__dataclass_fields__
+            else 'bn_splits')
   backbone = resnet_module.resnet(
       args.arch, width_multiplier=args.width, cifar_stem=True,
-      bn_splits=args.bn_splits, conv_impl=args.conv_impl)
+      conv_impl=args.conv_impl, **{groups: args.bn_groups})
   head = heads.ProjectionHead(kind='linear', dim=128,
                               hidden_dim=backbone.num_features)
   return encoder.Encoder(backbone=backbone, head=head)
@@ -81,7 +84,8 @@ def main():
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--width', type=float, default=1.0)
   parser.add_argument('--arch', default='resnet18')
-  parser.add_argument('--bn_splits', type=int, default=8)
+  parser.add_argument('--bn_groups', type=int, default=8,
+                      help='BN groups in the (one-device) batch')
   parser.add_argument('--conv_impl', default='fast')
   parser.add_argument('--baseline', help='git revision to compare against')
   parser.add_argument('--repeats', type=int, default=5)

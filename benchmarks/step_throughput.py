@@ -8,7 +8,7 @@ and times in the same process, round-robin:
   moco        moco_jax.train_step.make_train_step: augment both views, f_q
               forward + backward, f_k forward (shuffle BN), InfoNCE against
               the queue, SGD/LARS/AdamW update, momentum update, enqueue.
-  supervised  the same backbone (same bn_splits, BN in train mode) + a linear
+  supervised  the same backbone (same BN groups, BN in train mode) + a linear
               classifier, cross-entropy, the same optimiser, on one view of
               the same batch (normalised, no colour augmentation).
 
@@ -50,7 +50,7 @@ config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
 flags.DEFINE_string('json', None, 'Also write the JSON result to this file.')
 flags.DEFINE_integer('steps', 10, 'Timed steps per variant (median reported).')
 flags.DEFINE_integer('warmup', 2, 'Untimed steps per variant after compiling.')
-flags.DEFINE_enum('sweep', 'none', ['none', 'queue', 'bn_splits', 'devices'],
+flags.DEFINE_enum('sweep', 'none', ['none', 'queue', 'bn_groups', 'devices'],
                   'Extra measurements in the same process, listed under "sweep".')
 flags.DEFINE_integer('num_classes', 1000, 'Classes of the supervised baseline.')
 flags.mark_flags_as_required(['config'])
@@ -161,15 +161,18 @@ class Bench:
 def build_moco(config, mesh):
   """Bench of the MoCo train step for `config` on `mesh`."""
   c = config
-  encoder = build_encoder(c.model, c.moco.bn_splits, DTYPES[c.dtype],
-                          c.model.conv_impl)
+  if c.moco.bn_groups % mesh.size:
+    raise SystemExit(f'error: moco.bn_groups={c.moco.bn_groups} is not a multiple '
+                     f'of the {mesh.size} devices')
+  groups = c.moco.bn_groups // mesh.size   # per device
+  encoder = build_encoder(c.model, groups, DTYPES[c.dtype], c.model.conv_impl)
   schedule = optim.learning_rate_schedule(c.optim, c.train.batch_size,
                                           STEPS_PER_EPOCH, TOTAL_STEPS)
   optimizer = optim.build_optimizer(c.optim, schedule)
   replicated = NamedSharding(mesh, P())
   init = functools.partial(
       create_state, encoder, optimizer, image_size=c.data.image_size,
-      queue_size=c.moco.queue_size, dim=c.model.dim, bn_splits=c.moco.bn_splits)
+      queue_size=c.moco.queue_size, dim=c.model.dim, bn_groups=groups)
   state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(c.seed))
   mean, std = MEAN_STD[c.data.normalization]
   step = train_step.make_train_step(
@@ -187,7 +190,8 @@ def build_supervised(config, mesh, encoder, optimizer):
   replicated = NamedSharding(mesh, P())
 
   def init(rng):
-    dummy = jnp.zeros((c.moco.bn_splits, c.data.image_size, c.data.image_size, 3))
+    dummy = jnp.zeros((encoder.backbone.bn_groups, c.data.image_size,
+                       c.data.image_size, 3))
     variables = model.init(rng, dummy, train=True)
     return dict(params=variables['params'],
                 batch_stats=variables['batch_stats'],
@@ -245,7 +249,7 @@ def measure(config, mesh, supervised=True):
   peak = peak_flops(device.device_kind)
   result = dict(
       num_devices=int(mesh.size), batch_size=config.train.batch_size,
-      queue_size=config.moco.queue_size, bn_splits=config.moco.bn_splits,
+      queue_size=config.moco.queue_size, bn_groups=config.moco.bn_groups,
       images_per_sec=config.train.batch_size / (moco_ms / 1e3),
       moco_step_ms=moco_ms, compile_s=moco_bench.compile_s,
       flops_per_step_per_device=flops,
@@ -263,7 +267,7 @@ def measure(config, mesh, supervised=True):
 
 
 def override(config, **changes):
-  """A copy of `config` with dotted-name changes: override(c, **{'moco.bn_splits': 2})."""
+  """A copy of `config` with dotted-name changes: override(c, **{'moco.bn_groups': 16})."""
   config = config.copy_and_resolve_references()
   for name, value in changes.items():
     *path, leaf = name.split('.')
@@ -280,17 +284,14 @@ def sweep(config, kind):
     sizes = [k for k in (4096, 8192, 16384, 32768, 65536) if k % batch == 0]
     return [measure(override(config, **{'moco.queue_size': k}), mesh,
                     supervised=False) for k in sizes]
-  if kind == 'bn_splits':
+  if kind == 'bn_groups':   # 1, 2, 4, 8 groups per device
     local = config.train.batch_size // mesh.size
-    return [measure(override(config, **{'moco.bn_splits': s}), mesh)
+    return [measure(override(config, **{'moco.bn_groups': s * mesh.size}), mesh)
             for s in (1, 2, 4, 8) if local % s == 0]
   if kind == 'devices':
-    # Same global batch; one device gets num_devices × bn_splits BN groups,
-    # so both compute the same function (shuffle BN simulated on one device).
-    n = len(jax.devices())
-    one = override(config, **{'moco.bn_splits': config.moco.bn_splits * n})
-    return [measure(one, make_mesh(jax.devices()[:1])),
-            measure(config, mesh)]
+    # Same global batch and BN groups (moco.bn_groups counts the global
+    # batch's), so both compute the same function (shuffle BN on one device).
+    return [measure(config, make_mesh(jax.devices()[:1])), measure(config, mesh)]
   return []
 
 

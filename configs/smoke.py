@@ -14,13 +14,12 @@ def get_config():
   c.model.dim = 16
   c.moco.queue_size = 64
   c.moco.momentum = 0.99
-  c.moco.bn_splits = 2
+  c.moco.bn_groups = 8             # groups of 2 (1 sample per group would make BN degenerate)
   c.data.dataset = 'cifar10'
   c.data.eval_split = 'test'
   c.data.image_size = 16
   c.data.augment = 'v2'
   c.data.normalization = 'cifar10'
-  c.data.shuffle_buffer = 1000
   c.data.cache = True
   # A constant lr does not depend on num_steps, so the tests' runs of different
   # lengths all reuse one compiled step (XLA bakes the schedule into it).

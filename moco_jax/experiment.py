@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moco_jax import optim, train_step
+from moco_jax import device_step, optim, train_step
 from moco_jax.config.checks import check_config
 from moco_jax.config.normalization import MEAN_STD
-from moco_jax.data import pipeline
-from moco_jax.models import build_encoder
+from moco_jax.data import inputs
+from moco_jax.models import build_encoder, frozen_params
 from moco_jax.runtime.mesh import AXIS, make_mesh
 from moco_jax.state import create_state
 
@@ -21,11 +21,32 @@ def compute_dtype(config):
   return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[config.dtype]
 
 
-def steps_per_epoch(config, info: pipeline.DatasetInfo) -> int:
+def steps_per_epoch(config, info: inputs.DatasetInfo) -> int:
   """Full global batches per epoch (each process drops its remainder)."""
   processes = jax.process_count()
   local_batch = config.train.batch_size // processes
   return (info.num_examples // processes) // local_batch
+
+
+def bn_layout(config, num_devices: int) -> dict:
+  """How BN groups the global batch (config already checked).
+
+  Returns:
+    {'bn_groups': groups in the global batch (moco.bn_groups),
+     'bn_groups_per_device': bn_groups / num_devices,
+     'bn_group_size': samples per group, train.batch_size / bn_groups}.
+  """
+  groups = config.moco.bn_groups
+  # max(.., 1): a ViT (no backbone BN) is not held to the group layout.
+  return {'bn_groups': groups, 'bn_groups_per_device': max(groups // num_devices, 1),
+          'bn_group_size': config.train.batch_size // groups}
+
+
+def describe_bn(layout: dict, shuffle_bn: bool) -> str:
+  """One start-up line, e.g. 'BN: 8 groups of 32 samples (8 per device), shuffle BN on'."""
+  return (f'BN: {layout["bn_groups"]} groups of {layout["bn_group_size"]} samples '
+          f'({layout["bn_groups_per_device"]} per device), '
+          f'shuffle BN {"on" if shuffle_bn else "off"}')
 
 
 def total_steps(config, epoch_steps: int) -> int:
@@ -40,19 +61,26 @@ class Experiment:
   def __init__(self, config: ml_collections.ConfigDict, mesh=None):
     check_config(config, jax.device_count() if mesh is None else mesh.size)
     self.config = config
-    self.info = pipeline.dataset_info(config.data)
+    self.info = inputs.dataset_info(config.data)
     self.mesh = mesh or make_mesh()
+    # data.on_device: the split on the devices, cropped in the step.
+    self.on_device, self.data_placement = inputs.on_device(
+        config.data, self.mesh, with_eval=config.eval.knn_every > 0 or config.eval.knn_at_start)
     self.epoch_steps = steps_per_epoch(config, self.info)
     if self.epoch_steps == 0:
-      raise pipeline.DatasetError(
+      raise inputs.DatasetError(
           f'train.batch_size={config.train.batch_size} is larger than the '
           f'{self.info.num_examples} training examples of {self.info.name!r}')
     self.total_steps = total_steps(config, self.epoch_steps)
-    self.encoder = build_encoder(config.model, config.moco.bn_splits,
-                                 compute_dtype(config), config.model.conv_impl)
+    self.bn_layout = bn_layout(config, self.mesh.size)
+    # The v3 heads' SyncBN averages statistics over the step's 'data' axis.
+    self.encoder = build_encoder(config.model, self.bn_layout['bn_groups_per_device'],
+                                 compute_dtype(config), config.model.conv_impl,
+                                 image_size=config.data.image_size, axis_name=AXIS)
     self.schedule = optim.learning_rate_schedule(
         config.optim, config.train.batch_size, self.epoch_steps, self.total_steps)
-    self.optimizer = optim.build_optimizer(config.optim, self.schedule)
+    self.optimizer = optim.build_optimizer(config.optim, self.schedule,
+                                           frozen_params(config.model))
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P(AXIS))
 
@@ -61,7 +89,7 @@ class Experiment:
     c = self.config
     init = functools.partial(
         create_state, self.encoder, self.optimizer, image_size=c.data.image_size,
-        queue_size=c.moco.queue_size, dim=c.model.dim, bn_splits=c.moco.bn_splits)
+        queue_size=c.moco.queue_size, dim=c.model.dim, bn_groups=self.bn_layout['bn_groups_per_device'])
     return jax.jit(init, out_shardings=self.replicated)(jax.random.PRNGKey(c.seed))
 
   def abstract_state(self):
@@ -69,18 +97,44 @@ class Experiment:
     c = self.config
     shapes = jax.eval_shape(functools.partial(
         create_state, self.encoder, self.optimizer, image_size=c.data.image_size,
-        queue_size=c.moco.queue_size, dim=c.model.dim, bn_splits=c.moco.bn_splits),
+        queue_size=c.moco.queue_size, dim=c.model.dim, bn_groups=self.bn_layout['bn_groups_per_device']),
         jax.random.PRNGKey(c.seed))
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(
         s.shape, s.dtype, sharding=self.replicated), shapes)
 
   def train_step(self):
+    """step(state, *self.step_inputs(batch)) -> (state, metrics)."""
     c = self.config
     mean, std = MEAN_STD[c.data.normalization]
-    return train_step.make_train_step(
-        self.mesh, encoder=self.encoder, optimizer=self.optimizer,
-        schedule=self.schedule, moco_config=c.moco,
-        augment_config=dict(recipe=c.data.augment, mean=mean, std=std))
+    kwargs = dict(encoder=self.encoder, optimizer=self.optimizer,
+                  schedule=self.schedule, moco_config=c.moco,
+                  augment_config=dict(recipe=c.data.augment, mean=mean, std=std),
+                  total_steps=self.total_steps)
+    if not self.on_device:
+      return train_step.make_train_step(self.mesh, **kwargs)
+    step = device_step.make_device_train_step(
+        self.mesh, image_size=c.data.image_size, crop_scale=tuple(c.data.crop_scale),
+        **kwargs)
+    images = self.train_batches_split().images
+    return lambda state, indices: step(state, images, indices)
+
+  def train_batches_split(self):
+    """The device-resident training split (data.on_device only)."""
+    from moco_jax.data import device
+    return device.device_split(self.config.data, self.config.data.train_split,
+                               self.mesh, drop_remainder=True)
+
+  def train_batches(self, start_step: int = 0):
+    """This process's pretraining input from `start_step` (data/inputs.py)."""
+    c = self.config
+    return inputs.train_batches(c.data, c.train.batch_size // jax.process_count(),
+                                c.seed, start_step, self.mesh)
+
+  def step_inputs(self, batch: dict) -> tuple:
+    """One batch of `train_batches` -> the step's array arguments."""
+    if self.on_device:
+      return (self.to_global(batch['indices']),)
+    return self.to_global(batch['images_q']), self.to_global(batch['images_k'])
 
   def to_global(self, local_batch):
     """Host (per-process) numpy batch -> global arrays sharded over 'data'."""

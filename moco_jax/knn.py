@@ -1,13 +1,13 @@
 """Command line: kNN top-1 of a pretraining run's checkpoint.
 
   python -m moco_jax.knn --workdir=PRETRAIN_DIR [--step=N] [--config.eval.knn_k=20]
+      [--config.eval.knn_features=head]
 
 Uses the config saved with the checkpoint (any value can be overridden, e.g.
 --config.data.data_dir=... when the data moved), prints knn_top1 and appends
 it to PRETRAIN_DIR/metrics.jsonl at the checkpoint's step.
 """
 import os
-import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
 
@@ -15,6 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from moco_jax.config.base import base_config
+from moco_jax.runtime import cli
 from moco_jax.runtime.mesh import make_mesh
 
 FLAGS = flags.FLAGS
@@ -23,13 +24,32 @@ flags.DEFINE_integer('step', -1, 'Checkpoint step to evaluate; -1: the newest.')
 # Only the overridden values are used, applied to the checkpoint's config.
 config_flags.DEFINE_config_dict('config', base_config(),
                                 'Overrides of the saved config, e.g. --config.eval.knn_k=20.')
-flags.mark_flags_as_required(['workdir'])
+
+
+def usage() -> str:
+  return (f'{__doc__.strip()}\n\nflags:\n{cli.flag_help(FLAGS, ("workdir", "step"))}\n'
+          f'  --config.SECTION.KEY=VALUE: override a value of the saved config')
+
+
+def parse_flags(argv):
+  """absl's parsing; --help exits 0; every problem is one line (exit 2)."""
+  cli.handle_help(argv, usage)
+  try:
+    argv = FLAGS(argv)
+  except Exception as error:  # absl and config_flags raise many kinds
+    cli.fail(f'invalid command line: {cli.error_line(error)}')
+  if len(argv) > 1:
+    cli.fail(f'unexpected arguments: {" ".join(argv[1:])} (flags look like --name=value)')
+  problem = cli.workdir_problem(FLAGS.workdir, must_exist=True)
+  if problem:
+    cli.fail(problem)
+  return argv
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  del argv  # checked by parse_flags
   logging.set_verbosity(logging.WARNING)
+  cli.import_tensorflow_quietly()
   import jax
   from moco_jax.evaluation import knn
   from moco_jax.weights import pretrained
@@ -43,16 +63,16 @@ def main(argv):
     mesh = make_mesh()
     evaluator = knn.KnnEvaluator(config, mesh)
     run = pretrained.load(FLAGS.workdir, mesh, step, config)
-    metrics = evaluator(run.params, run.batch_stats)
+    metrics = evaluator(run.encoder_params, run.encoder_batch_stats)
   except (pretrained.PretrainedError, DatasetError, ConfigError) as error:
-    print(f'error: {error}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail(error)
   writer = MetricWriter(FLAGS.workdir, enabled=jax.process_index() == 0)
   writer.write(step, metrics)
   writer.close()
   print(f'step {step}: knn_top1 {metrics["knn_top1"]:.2f} '
-        f'(k={config.eval.knn_k}, t={config.eval.knn_t})')
+        f'(k={config.eval.knn_k}, t={config.eval.knn_t}, '
+        f'features={knn.knn_features(config)})')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -39,10 +39,117 @@ def infonce_loss(logits):
 
 
 def positive_rank_accuracy(logits, top_k):
-  """Fraction of rows whose positive (column 0) is among the top_k logits."""
-  # Rank = number of negatives scoring strictly higher than the positive.
-  rank = jnp.sum(logits[:, 1:] > logits[:, :1], axis=-1)
+  """Fraction of rows whose positive (column 0) is among the top_k logits.
+
+  A negative scoring exactly as high as the positive counts against it: a
+  collapsed encoder (every logit equal) scores 0, not 1.
+  """
+  rank = jnp.sum(logits[:, 1:] >= logits[:, :1], axis=-1)
   return jnp.mean((rank < top_k).astype(jnp.float32))
+
+
+def feature_std(features, axis_name=None):
+  """Collapse indicator: per-dimension std over the batch of the L2-normalised
+  features, averaged over dimensions (SimSiam, arXiv:2011.10566, sec. 4.1).
+
+  About 1/sqrt(C) for well-spread features, near 0 when every image maps to
+  the same point.
+
+  Args:
+    features: (N, C) features of this device's examples (any float dtype).
+    axis_name: mapped device axis; the std is then over the global batch.
+
+  Returns:
+    float32 scalar.
+  """
+  x = l2_normalize(features)
+  mean = jnp.mean(x, axis=0)
+  if axis_name is not None:
+    mean = jax.lax.pmean(mean, axis_name)
+  variance = jnp.mean(jnp.square(x - mean), axis=0)
+  if axis_name is not None:
+    variance = jax.lax.pmean(variance, axis_name)
+  return jnp.mean(jnp.sqrt(variance))
+
+
+def loss_directions(symmetric: bool):
+  """(query view, key view) pairs of the loss over views (x1, x2) = (0, 1).
+
+  Asymmetric (v1/v2): L(q1, k2). Symmetric (the CIFAR demo's --symmetric,
+  and v3): L(q1, k2) + L(q2, k1), a sum, in that order.
+  """
+  return ((0, 1), (1, 0)) if symmetric else ((0, 1),)
+
+
+MOMENTUM_SCHEDULES = ('constant', 'cosine')
+
+
+def momentum_at(step, total_steps: int, base_momentum: float,
+                schedule: str = 'constant'):
+  """The key encoder's momentum m at optimiser step `step` (0-based).
+
+  'constant': m₀ (v1/v2), returned as given. 'cosine' (MoCo v3, per
+  iteration): m = 1 − ½(1 + cos(π·t/T))(1 − m₀), from m₀ at t = 0 to 1 at
+  t = T = total_steps; float32 scalar.
+  """
+  if schedule == 'constant':
+    return base_momentum
+  if schedule != 'cosine':
+    raise ValueError(f'unknown moco.momentum_schedule {schedule!r}; valid: '
+                     f'{", ".join(MOMENTUM_SCHEDULES)}')
+  if total_steps <= 0:
+    raise ValueError(f'moco.momentum_schedule=cosine needs the run length; got '
+                     f'total_steps={total_steps}')
+  t = jnp.asarray(step, jnp.float32) / total_steps
+  return 1.0 - 0.5 * (1.0 + jnp.cos(jnp.pi * t)) * (1.0 - base_momentum)
+
+
+def batch_logits(q, k, temperature, axis_name=None):
+  """MoCo v3's logits: every query against the keys of the global batch.
+
+  Args:
+    q: (N, C) normalised queries of this device.
+    k: (N, C) normalised keys of this device (the other view).
+    temperature: T > 0.
+    axis_name: mapped device axis (None: one device, B = N).
+
+  Returns:
+    ((N, B) float32 logits q·all_gather(k)ᵀ / T, (N,) int32 labels: the
+    global index of each query's own key, arange(N) + N·device_index).
+  """
+  n = q.shape[0]
+  if axis_name is None:
+    k_all, offset = k, 0
+  else:
+    k_all = jax.lax.all_gather(k, axis_name, tiled=True)
+    offset = jax.lax.axis_index(axis_name) * n
+  logits = q.astype(jnp.float32) @ k_all.astype(jnp.float32).T / temperature
+  return logits, jnp.arange(n, dtype=jnp.int32) + offset
+
+
+def batch_contrastive_loss(logits, labels, temperature):
+  """MoCo v3's ctr(q, k): mean cross-entropy of (N, B) logits against
+  `labels`, × 2T (scalar float32)."""
+  picked = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
+  return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - picked) * (2 * temperature)
+
+
+def positive_first(logits, labels):
+  """(N, B) logits with positives at `labels` -> (N, 1 + B) with the positive
+  in column 0 and its old slot at −inf (what positive_rank_accuracy reads)."""
+  picked = jnp.take_along_axis(logits, labels[:, None], axis=1)
+  others = jnp.where(jnp.arange(logits.shape[1]) == labels[:, None], -jnp.inf,
+                     logits)
+  return jnp.concatenate([picked, others], axis=1)
+
+
+def key_encoder_part(tree):
+  """The query encoder's {'backbone', 'head', 'predictor'} variables without
+  the predictor: what f_k has and the EMA covers (MoCo v3). Trees without a
+  predictor are returned as they are."""
+  if isinstance(tree, dict) and 'predictor' in tree:
+    return {name: sub for name, sub in tree.items() if name != 'predictor'}
+  return tree
 
 
 def momentum_update(target_params, params, momentum):
@@ -56,9 +163,10 @@ def enqueue(queue, queue_ptr, keys):
 
   Args:
     queue: (K, C) float32.
-    queue_ptr: int32 scalar; K must be a multiple of B so a batch never
-      straddles the end.
-    keys: (B, C) keys of the whole global batch.
+    queue_ptr: int32 scalar; K must be a multiple of the keys' B so a batch
+      never straddles the end.
+    keys: (B, C) keys of the whole global batch ((2B, C) [k1, k2] with the
+      symmetric loss).
 
   Returns:
     (new queue, (queue_ptr + B) % K).

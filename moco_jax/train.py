@@ -5,6 +5,7 @@ over every device, resumes from the newest checkpoint in `workdir`, and
 trains with progress bar, metrics.jsonl, TensorBoard and orbax checkpoints.
 Importable from Python/Colab; main.py is only the command-line wrapper.
 """
+import os
 import time
 
 import jax
@@ -12,10 +13,9 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from moco_jax.data import pipeline
 from moco_jax.evaluation import knn as knn_evaluation
-from moco_jax.experiment import Experiment
-from moco_jax.runtime import checkpointing, preemption
+from moco_jax.experiment import Experiment, describe_bn
+from moco_jax.runtime import checkpointing, health, preemption, progress as clock
 from moco_jax.runtime.metric_writer import MetricWriter
 from moco_jax.weights import import_weights
 
@@ -89,27 +89,103 @@ def skipped_images(batches) -> int:
   return int(count)
 
 
-def _log_knn(knn, state, step: int, writer, progress) -> dict:
-  metrics = knn(state.params['backbone'], state.batch_stats['backbone'])
+def write_unreadable_names(batches, workdir: str) -> str:
+  """Writes this process's unreadable files, one per line (bytes as the
+  file system names them), to WORKDIR/skipped_images.txt (process i > 0:
+  skipped_images.process<i>.txt); returns process 0's file."""
+  index = jax.process_index()
+  name = 'skipped_images.txt' if index == 0 else f'skipped_images.process{index}.txt'
+  path, tmp = os.path.join(workdir, name), os.path.join(workdir, f'.{name}.tmp')
+  with open(tmp, 'wb') as f:
+    f.writelines(line + b'\n' for line in batches.unreadable_names)
+  os.replace(tmp, path)
+  return os.path.join(workdir, 'skipped_images.txt')
+
+
+def _watch_collapse(monitor, step: int, metrics: dict, config, progress) -> None:
+  """Prints the collapse warning once; stops the run if train.stop_on_collapse."""
+  warning = monitor.update(step, metrics)
+  if warning is None:
+    return
+  progress.write(warning)
+  if config.train.get('stop_on_collapse', False):
+    raise health.CollapseError(
+        f'stopped at step {step} (train.stop_on_collapse), nothing saved after '
+        f'the last checkpoint: {warning[len("warning: "):]}')
+
+
+def _queue_warning(config, experiment) -> str | None:
+  keys_per_step = config.train.batch_size * (2 if config.moco.get('symmetric', False) else 1)
+  return health.queue_warning(config.moco.queue_size,
+                              experiment.epoch_steps * config.train.batch_size,
+                              keys_per_step)
+
+
+def _log_knn(knn, state, step: int, writer, bar) -> dict:
+  metrics = knn(state.params, state.batch_stats)  # eval.knn_features picks
   writer.write(step, metrics)
-  progress.write(f'step {step}: knn_top1 {metrics["knn_top1"]:.2f}')
+  bar.write(f'step {step}: knn_top1 {metrics["knn_top1"]:.2f}')
   return metrics
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def startup_summary(experiment: Experiment, workdir: str) -> str:
+  """One line: devices, batch, BN groups, steps, epochs, data, dtype, workdir."""
+  config, mesh, info = experiment.config, experiment.mesh, experiment.info
+  devices = list(mesh.devices.flat)
+  kinds = ', '.join(sorted({d.device_kind for d in devices}))
+  hosts = f' on {jax.process_count()} processes' if jax.process_count() > 1 else ''
+  batch = config.train.batch_size
+  return (f'pretrain: {len(devices)} {devices[0].platform.upper()} device'
+          f'{"s" if len(devices) > 1 else ""} ({kinds}){hosts}; global batch {batch} '
+          f'({batch // len(devices)} per device); '
+          f'{describe_bn(experiment.bn_layout, config.moco.shuffle_bn)}; '
+          f'{experiment.total_steps:,} steps = '
+          f'{experiment.total_steps / experiment.epoch_steps:.3g} epochs of '
+          f'{experiment.epoch_steps:,} steps; {info.num_examples:,} training images '
+          f'({info.name} {config.data.train_split}'
+          f'{", on device" if experiment.on_device else ""}); {config.dtype}; '
+          f'workdir {os.path.abspath(workdir)}')
+
+
+def startup_warnings(config, experiment: Experiment) -> list[str]:
+  """Warnings printed once at start (each a line starting 'warning:')."""
+  return [w for w in (_queue_warning(config, experiment),) if w]
+
+
+def _long_run_hint(experiment: Experiment) -> str:
+  devices = list(experiment.mesh.devices.flat)
+  where = f'{len(devices)} {devices[0].platform.upper()} device{"s" if len(devices) > 1 else ""}'
+  if devices[0].platform == 'cpu':
+    where += '; for a run that finishes on a CPU use configs/quickstart.py or configs/cifar10_cpu.py'
+  return where
+
+
+def _device_batch(experiment: Experiment, batches):
+  """The next host batch, sent to the devices (the copy runs asynchronously)."""
+  return experiment.step_inputs(next(batches))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       second_interrupt: str = 'raise') -> dict:
   """Pretrains MoCo; resumes from workdir's newest checkpoint if there is one.
 
-  SIGTERM or Ctrl-C: finish the current step, save, return. Losses and
-  gradients are checked for NaN/Inf at every log and checkpoint step; no
-  checkpoint is written from a non-finite state.
+  At most one step is in flight: the loop waits for each step's outputs
+  (while the next batch is read and copied), so the progress bar, its rate
+  and ETA count completed steps, and a stop request is seen within one step.
+  SIGTERM or Ctrl-C: finish the current step, save, return. A second Ctrl-C:
+  see `preemption.StopRequests` (`second_interrupt`: 'raise' for Python
+  callers, 'exit' for the command line). Losses and gradients are checked
+  for NaN/Inf at every step; no checkpoint is written from a non-finite state.
 
   Returns:
-    The last logged metrics (a dict of Python scalars).
+    The last logged metrics (a dict of Python scalars; {} if the run had
+    already finished).
 
   Raises:
     ConfigError, DatasetError, CheckpointError: before any compilation.
     NonFiniteError: training diverged.
   """
+  run_start = time.perf_counter()
   experiment = Experiment(config)
   knn = knn_monitor(config, experiment)
   # kNN every eval.knn_every epochs (fractions allowed) and at the last step.
@@ -120,60 +196,99 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = restore_or_init(experiment, checkpointer)
   start_step, last_step = int(state.step), experiment.total_steps
   is_main = jax.process_index() == 0
+  say = (lambda line: print(line, flush=True)) if is_main else (lambda line: None)
+  say(startup_summary(experiment, workdir))
+  if start_step >= last_step:
+    say(f'already finished at step {start_step} (train.num_steps/num_epochs give '
+        f'{last_step}); raise them to train on, or use a new --workdir')
+    checkpointer.close()
+    return {}
+  if start_step > 0:
+    say(f'resumed from step {start_step} (epoch {start_step / experiment.epoch_steps:.2f}) '
+        f'of {checkpointer.path(start_step)}')
+  for warning in startup_warnings(config, experiment):
+    say(warning)
   writer = MetricWriter(workdir, enabled=is_main)
-  local_batch = config.train.batch_size // jax.process_count()
-  batches = pipeline.pretrain_batches(config.data, local_batch, config.seed,
-                                            start_step)
+  batches = experiment.train_batches(start_step)  # host tf.data or data.on_device
   step_fn = experiment.train_step()
-  progress = tqdm(total=last_step, initial=start_step, disable=not is_main,
-                  unit='step', dynamic_ncols=True, desc='pretrain')
-  last_metrics = {}
+  bar = tqdm(total=last_step, initial=start_step, disable=not is_main, unit='step',
+             dynamic_ncols=True, desc='pretrain')
+  monitor = health.monitor_for(
+      config, round(config.optim.warmup_epochs * experiment.epoch_steps),
+      experiment.epoch_steps)
+  last_metrics, estimated = {}, False
+  bn_facts = dict(experiment.bn_layout)  # in this run's first metrics line
+  stop_line = (f'error: interrupted twice: stopped at once without saving; rerun the '
+               f'same command to resume from the newest checkpoint in '
+               f'{checkpointer.directory}')
   try:
-    with preemption.StopRequests() as stop:
+    with preemption.StopRequests(second_interrupt, stop_line) as stop:
       if knn is not None and config.eval.knn_at_start and start_step == 0:
-        last_metrics.update(_log_knn(knn, state, 0, writer, progress))
-      window_start, window_steps = time.perf_counter(), 0
+        last_metrics.update(_log_knn(knn, state, 0, writer, bar))
+      steps = clock.StepClock()
+      next_batch = _device_batch(experiment, batches)
       for step in range(start_step, last_step):
-        batch = next(batches)
-        state, metrics = step_fn(state, experiment.to_global(batch['images_q']),
-                                 experiment.to_global(batch['images_k']))
-        done, window_steps = step + 1, window_steps + 1
+        state, metrics = step_fn(state, *next_batch)
+        done = step + 1
+        if done < last_step:  # read and copy the next batch while the step runs
+          next_batch = _device_batch(experiment, batches)
+        # Wait for this step: the host never runs ahead of the device.
+        metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
+        steps.step_done()
+        bar.update(1)
+        _check_finite(metrics, done, checkpointer)
         stopping = stop.requested
-        log_due = done % config.train.log_every == 0 or done == last_step
-        save_due = (done % config.train.checkpoint_every == 0 or done == last_step
-                    or stopping)
-        if log_due or save_due:
-          metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
-          _check_finite(metrics, done, checkpointer)
-        if log_due:
-          elapsed = time.perf_counter() - window_start
+        if (done % config.train.log_every == 0 or done == last_step or stopping
+            or steps.first_log_overdue()):
           skipped = skipped_images(batches)
           if skipped > last_metrics.get('skipped_images', 0):
-            progress.write(f'step {done}: skipped {skipped} unreadable images so far')
+            listed = write_unreadable_names(batches, workdir)
+            bar.write(f'step {done}: skipped {skipped} unreadable images so far '
+                      f'(named in {listed})')
           last_metrics = dict(metrics, epoch=done / experiment.epoch_steps,
-                              images_per_sec=window_steps * config.train.batch_size / elapsed,
                               skipped_images=skipped)
-          writer.write(done, last_metrics)
-          progress.set_postfix(loss=f'{last_metrics["loss"]:.3f}',
-                               img_s=f'{last_metrics["images_per_sec"]:.0f}')
-          window_start, window_steps = time.perf_counter(), 0
-        if save_due:
+          rate = steps.images_per_sec(config.train.batch_size)
+          if rate is not None:  # none yet when only the compiling step ran
+            last_metrics['images_per_sec'] = rate
+          writer.write(done, {**bn_facts, **last_metrics})
+          bn_facts = {}
+          _watch_collapse(monitor, done, last_metrics, config, bar)
+          bar.set_postfix(loss=f'{metrics["loss"]:.3f}',
+                          **({'img_s': f'{rate:.0f}'} if rate else {}))
+          steps.new_window()
+        if done % config.train.checkpoint_every == 0 or done == last_step or stopping:
           checkpointer.save(done, state, config.to_dict())
-        # After the save is started: it completes while the kNN pass runs.
-        if knn_every > 0 and (done % knn_every == 0 or done == last_step) and not stopping:
-          knn_start = time.perf_counter()
-          last_metrics.update(_log_knn(knn, state, done, writer, progress))
-          window_start += time.perf_counter() - knn_start  # not training time
-        progress.update(1)
         if stopping:
-          progress.write(f'{stop.signal_name}: saved step {done} to '
-                         f'{checkpointer.path(done)}; rerun the same command to continue')
+          bar.write(f'{stop.signal_name}: saved step {done} to '
+                    f'{checkpointer.path(done)}; rerun the same command to continue')
           break
+        if not estimated and steps.estimate_ready():
+          estimated = True
+          line = clock.long_run_estimate(last_step - done, steps.seconds_per_step(),
+                                         _long_run_hint(experiment))
+          if line:
+            bar.write(line)
+        # After the save is started: it completes while the kNN pass runs.
+        if knn_every > 0 and (done % knn_every == 0 or done == last_step):
+          with steps.paused():  # not training time
+            last_metrics.update(_log_knn(knn, state, done, writer, bar))
+      else:
+        bar.close()
+        say(_finished_line(last_metrics, last_step, time.perf_counter() - run_start,
+                           checkpointer))
   finally:
     # Whatever stopped the loop, let a started save complete (orbax only
     # marks it as a checkpoint once it is whole).
-    progress.close()
+    bar.close()
     checkpointer.wait()
     checkpointer.close()
     writer.close()
   return last_metrics
+
+
+def _finished_line(metrics: dict, step: int, seconds: float, checkpointer) -> str:
+  parts = [f'finished at step {step} in {clock.format_duration(seconds)}',
+           f'loss {metrics.get("loss", float("nan")):.3f}']
+  if 'knn_top1' in metrics:
+    parts.append(f'knn_top1 {metrics["knn_top1"]:.2f}')
+  return '; '.join(parts) + f'; checkpoint {checkpointer.path(step)}'

@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METRICS = ('loss', 'top1', 'top5', 'grad_norm', 'lr', 'queue_ptr')
+METRICS = ('loss', 'instance_top1', 'instance_top5', 'grad_norm', 'lr', 'queue_ptr')
 _START = time.perf_counter()
 
 
@@ -43,9 +43,9 @@ def worker_config(data_dir: str):
   config.data.dataset = 'tiny_images'  # conftest.TINY_DATASET
   config.data.data_dir = data_dir
   config.moco.shuffle_bn = True
-  # Two images per device and BN group: smoke's bn_splits=2 would leave one
-  # image per group on 8 devices, where BN turns rounding noise into signal.
-  config.moco.bn_splits = 1
+  # One BN group of two images per device (one image per group would let BN
+  # turn rounding noise into signal).
+  config.moco.bn_groups = 8
   return config
 
 

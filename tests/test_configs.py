@@ -2,6 +2,7 @@
 import glob
 import importlib.util
 import os
+from unittest import mock
 
 import pytest
 
@@ -24,8 +25,7 @@ def test_shipped_pretraining_configs_are_valid(path):
   if 'moco' not in config:
     pytest.skip('not a pretraining config')
   check_config(config, num_devices=1)
-  if config.moco.bn_splits == 1 or config.train.batch_size % (8 * config.moco.bn_splits) == 0:
-    check_config(config, num_devices=8)
+  check_config(config, num_devices=8)   # 8 BN groups: 1, 2, 4 or 8 devices
 
 
 def test_recipes_match_the_papers():
@@ -58,8 +58,75 @@ def test_every_problem_is_reported_at_once():
 
 
 def test_batch_must_split_over_devices_and_bn_groups():
-  config = load(os.path.join(REPO, 'configs', 'smoke.py'))   # batch 16, bn_splits 2
+  config = load(os.path.join(REPO, 'configs', 'smoke.py'))   # batch 16, bn_groups 8
   assert not config_problems(config, num_devices=8)
-  config.moco.bn_splits = 4
-  assert any('devices × moco.bn_splits = 8 × 4 = 32' in p
-             for p in config_problems(config, num_devices=8))
+  config.moco.bn_groups = 4                  # fewer groups than devices
+  (problem,) = config_problems(config, num_devices=8)
+  assert problem.startswith('moco.bn_groups=4 with 8 devices and train.batch_size=16')
+  assert problem.endswith('valid: 8, 16')
+  config.moco.bn_groups = 12                 # not a multiple of 8, does not divide 16
+  assert 'valid: 8, 16' in config_problems(config, num_devices=8)[0]
+  config.moco.bn_groups = 16
+  assert not config_problems(config, num_devices=8)   # 2 groups of 1 per device
+
+
+def test_bn_groups_are_global_whatever_the_device_count():
+  from moco_jax.experiment import bn_layout, describe_bn
+  config = load(os.path.join(REPO, 'configs', 'moco_v2_r50_imagenet.py'))
+  for devices, per_device in ((1, 8), (2, 4), (4, 2), (8, 1)):
+    assert not config_problems(config, num_devices=devices)
+    assert bn_layout(config, devices) == {
+        'bn_groups': 8, 'bn_groups_per_device': per_device, 'bn_group_size': 32}
+  assert describe_bn(bn_layout(config, 1), True) == (
+      'BN: 8 groups of 32 samples (8 per device), shuffle BN on')
+  assert 'moco.bn_groups=8 with 16 devices' in config_problems(config, 16)[0]
+
+
+def test_one_device_runs_the_imagenet_recipe_with_eight_bn_groups():
+  """The v2 recipe on one device: the encoder normalises 8 groups of 32, so
+  shuffle BN is real (a per-device count would have made it a no-op)."""
+  from jax.sharding import Mesh
+  import jax
+  from moco_jax import experiment as experiment_module
+  from moco_jax.experiment import Experiment
+  config = load(os.path.join(REPO, 'configs', 'moco_v2_r50_imagenet.py'))
+  # No ImageNet here: the experiment's data module reports its size.
+  data = getattr(experiment_module, 'inputs', None) or experiment_module.pipeline
+  info = data.DatasetInfo(name='imagenet2012', data_dir=None, num_examples=1_281_167,
+                          num_classes=1000, class_names=())
+  with mock.patch.object(data, 'dataset_info', return_value=info):
+    experiment = Experiment(config, mesh=Mesh(jax.devices()[:1], ('data',)))
+  assert experiment.encoder.backbone.bn_groups == 8
+  assert experiment.bn_layout['bn_group_size'] == 32
+
+
+def test_old_and_pointless_bn_settings_are_refused():
+  config = load(os.path.join(REPO, 'configs', 'moco_v2_r50_imagenet.py'))
+  config.moco.bn_splits = 1       # an old config: per-device groups
+  (problem,) = config_problems(config, num_devices=1)
+  assert 'moco.bn_splits is no longer a setting' in problem and 'moco.bn_groups' in problem
+  config = load(os.path.join(REPO, 'configs', 'moco_v2_r50_imagenet.py'))
+  config.moco.bn_groups = 1
+  (problem,) = config_problems(config, num_devices=1)
+  assert problem.startswith('moco.shuffle_bn=True with moco.bn_groups=1')
+  config.moco.shuffle_bn = False
+  assert not config_problems(config, num_devices=1)
+
+
+def test_symmetric_loss_needs_a_queue_of_whole_double_batches():
+  config = load(os.path.join(REPO, 'configs', 'moco_v2_r18_cifar10_symmetric.py'))
+  assert config.moco.symmetric and not config_problems(config, num_devices=1)
+  config.moco.queue_size = 512 * 9            # a multiple of B, not of 2B
+  (problem,) = config_problems(config, num_devices=1)
+  assert problem.startswith('moco.queue_size=4608 is not a positive multiple of 2 × '
+                            'train.batch_size')
+  assert problem.endswith('= 1024 (e.g. 4096)')
+
+
+def test_knn_features_of_the_recipes():
+  feature = lambda name: load(os.path.join(REPO, 'configs', name)).eval.knn_features
+  assert feature('moco_v2_r18_cifar10.py') == feature('moco_v2_r18_cifar10_symmetric.py') == 'head'
+  assert feature('moco_v2_r50_imagenet.py') == feature('cifar10_cpu.py') == 'backbone'
+  config = load(os.path.join(REPO, 'configs', 'smoke.py'))
+  config.eval.knn_features = 'neck'
+  assert "eval.knn_features='neck' is not one of backbone, head" in config_problems(config, 8)

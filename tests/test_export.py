@@ -304,3 +304,30 @@ def test_readme_fine_tuning_example(pretrained):
                                                       opt_state, images, labels)
     losses.append(float(loss))
   assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_a_run_saved_with_the_old_bn_splits_still_loads(pretrained, tmp_path):
+  """Configs saved before moco.bn_groups (per-device moco.bn_splits) load for
+  kNN, linear evaluation and export: inference ignores BN grouping."""
+  from moco_jax.runtime.mesh import make_mesh
+  from moco_jax.weights import pretrained as pretrained_runs
+  config, workdir, want = pretrained
+  old = config.to_dict()
+  del old['moco']['bn_groups']
+  old['moco']['bn_splits'] = 2
+  for section, key in (('moco', 'symmetric'), ('eval', 'knn_features')):
+    del old[section][key]
+  checkpointer = checkpointing.Checkpointer(workdir)
+  state = checkpointer.restore(Experiment(config).abstract_state(), 4)
+  checkpointer.close()
+  old_dir = str(tmp_path / 'old_run')
+  checkpointer = checkpointing.Checkpointer(old_dir)
+  checkpointer.save(4, state, old)
+  checkpointer.wait()
+  checkpointer.close()
+  saved, step, variables = export.restore_encoder(old_dir)
+  assert step == 4 and saved.moco.bn_splits == 2 and 'bn_groups' not in saved.moco
+  jax.tree.map(np.testing.assert_array_equal, variables, want)
+  run = pretrained_runs.load(old_dir, make_mesh())
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(run.encoder_params),
+               want['params'])

@@ -13,6 +13,7 @@ from moco_jax.config.checks import ConfigError
 from moco_jax.runtime.metric_writer import read_metrics
 from moco_jax.models import build_encoder
 from moco_jax.runtime.mesh import make_mesh
+from moco_jax.config.normalization import MEAN_STD
 
 
 def reference_knn(test, bank, bank_labels, num_classes, k, temperature):
@@ -54,9 +55,10 @@ def test_knn_topk_ignores_masked_rows_and_pads_missing_neighbours():
                              rtol=1e-6)
 
 
-def backbone_variables(config, seed=0):
-  """Random He-scaled backbone variables, without compiling flax's init."""
-  encoder = build_encoder(config.model, config.moco.bn_splits)
+def encoder_variables(config, seed=0):
+  """Random He-scaled query-encoder variables ({'backbone', 'head'}), without
+  compiling flax's init; random head biases."""
+  encoder = build_encoder(config.model)
   images = jax.ShapeDtypeStruct((2,) + (config.data.image_size,) * 2 + (3,), np.float32)
   shapes = jax.eval_shape(lambda x: encoder.init(jax.random.PRNGKey(0), x, train=False),
                           images)
@@ -67,11 +69,18 @@ def backbone_variables(config, seed=0):
     if 'kernel' in name:
       fan_in = np.prod(leaf.shape[:-1])
       return rng.normal(0, np.sqrt(2 / fan_in), leaf.shape).astype(np.float32)
+    if 'head' in name:
+      return rng.normal(0, 0.1, leaf.shape).astype(np.float32)
     return (np.ones if 'scale' in name or 'var' in name else np.zeros)(
         leaf.shape, np.float32)
 
   variables = jax.tree_util.tree_map_with_path(fill, shapes)
-  return variables['params']['backbone'], variables['batch_stats']['backbone']
+  return variables['params'], variables['batch_stats']
+
+
+def backbone_variables(config, seed=0):
+  params, batch_stats = encoder_variables(config, seed)
+  return params['backbone'], batch_stats['backbone']
 
 
 def test_evaluator_is_a_percent_and_padding_changes_nothing(tiny_data_dir):
@@ -101,6 +110,43 @@ def test_evaluator_rejects_a_batch_the_devices_cannot_split(tiny_data_dir):
     knn.KnnEvaluator(config, make_mesh())
 
 
+def test_head_features_are_the_normalised_query_encoder_output(tiny_data_dir):
+  """knn_features='head': bank and queries are normalize(f_q(x)) with BN in
+  inference mode, checked against a direct encoder.apply and the demo's vote."""
+  config = smoke_config(tiny_data_dir, **{'eval.knn_features': 'head',
+                                          'eval.batch_size': 24, 'eval.knn_k': 10})
+  params, batch_stats = encoder_variables(config)
+  evaluator = knn.KnnEvaluator(config, make_mesh())
+  encoder = build_encoder(config.model)
+  mean, std = (np.asarray(v, np.float32) for v in MEAN_STD['cifar10'])
+
+  def direct(images):
+    x = (images.astype(np.float32) / 255 - mean) / std
+    out = np.asarray(encoder.apply({'params': params, 'batch_stats': batch_stats},
+                                   x, train=False), np.float64)
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+  def split(batches):
+    rows = [(direct(b['image'])[b['mask']], b['label'][b['mask']]) for b in batches]
+    return np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows])
+
+  images = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), np.uint8)
+  got = np.asarray(evaluator.features(params, batch_stats, images))
+  assert got.shape == (8, config.model.dim)
+  np.testing.assert_allclose(got, direct(images), rtol=1e-4, atol=1e-5)
+  # Not the backbone's features (64-d), and the vote is the demo's on them.
+  bank, bank_labels = split(evaluator.bank_batches)
+  test, test_labels = split(evaluator.test_batches)
+  labels, predictions = evaluator.predict(params, batch_stats)
+  np.testing.assert_array_equal(labels, test_labels)
+  want = reference_knn(test, bank, bank_labels, evaluator.num_classes, 10, 0.1)
+  np.testing.assert_array_equal(predictions, want)
+  backbone_config = smoke_config(tiny_data_dir, **{'eval.batch_size': 24})
+  backbone_features = knn.KnnEvaluator(backbone_config, make_mesh()).features(
+      params['backbone'], batch_stats['backbone'], images)
+  assert backbone_features.shape == (8, 64)
+
+
 def run_knn_cli(*args):
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one device
   return subprocess.run([sys.executable, '-m', 'moco_jax.knn', *args], cwd=REPO,
@@ -109,9 +155,11 @@ def run_knn_cli(*args):
 
 def test_knn_cli_appends_knn_top1_at_the_checkpoint_step(smoke_pretrain_dir):
   result = run_knn_cli(f'--workdir={smoke_pretrain_dir}', '--step=2',
-                       '--config.eval.knn_k=10', '--config.eval.batch_size=24')
+                       '--config.eval.knn_k=10', '--config.eval.batch_size=24',
+                       '--config.eval.knn_features=head')
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'knn_top1' in result.stdout and 'k=10' in result.stdout
+  assert 'features=head' in result.stdout
   last = read_metrics(smoke_pretrain_dir)[-1]
   assert last['step'] == 2 and 0 <= last['knn_top1'] <= 100
 

@@ -21,7 +21,7 @@ MOCO = ml_collections.ConfigDict(dict(momentum=0.9, temperature=0.2,
 
 def encoder_for(dtype):
   backbone = ResNet(stage_sizes=(1, 1), block='basic', width_multiplier=0.25,
-                    cifar_stem=True, bn_splits=2, dtype=dtype, conv_impl='xla')
+                    cifar_stem=True, bn_groups=2, dtype=dtype, conv_impl='xla')
   return Encoder(backbone=backbone,
                  head=ProjectionHead('mlp', DIM, 16, dtype=dtype))
 
@@ -37,7 +37,7 @@ def one_step(dtype):
                          schedule=schedule, moco_config=MOCO,
                          augment_config=dict(recipe='none', mean=mean, std=std))
   state = create_state(encoder, optimizer, jax.random.PRNGKey(0), IMAGE_SIZE,
-                       QUEUE, DIM, bn_splits=2)
+                       QUEUE, DIM, bn_groups=2)
   state = jax.device_put(state, NamedSharding(mesh, P()))
   initial = jax.device_get(state)
   images = np.random.default_rng(0).integers(
@@ -71,7 +71,7 @@ def test_bfloat16_step_keeps_float32_state_and_matches_float32():
                bf16.batch_stats, bf16.target_batch_stats, bf16.queue):
     assert float_dtypes(tree) == {jnp.dtype(jnp.float32)}
   # Logit-derived metrics and the loss: float32.
-  for name in ('loss', 'top1', 'top5', 'grad_norm'):
+  for name in ('loss', 'instance_top1', 'instance_top5', 'grad_norm'):
     assert metrics_bf16[name].dtype == jnp.float32, name
 
   # bf16 vs float32 from the same initial state: the same step, to bf16 precision.

@@ -121,6 +121,23 @@ def test_encoder_heads():
   assert variables['params']['head']['fc']['kernel'].shape == (64, 16)
 
 
+@pytest.mark.parametrize('kind', ['linear', 'mlp'])
+def test_head_linear_layers_start_as_pytorch_nn_linear(kind):
+  """Weights and biases U(±1/sqrt(fan_in)), fan_in the layer's input width
+  (torch.nn.Linear.reset_parameters): bounds, uniform std, not zero."""
+  from moco_jax.models.heads import ProjectionHead
+  head = ProjectionHead(kind=kind, dim=512, hidden_dim=1024)
+  params = head.init(jax.random.PRNGKey(0), jnp.zeros((1, 256)))['params']
+  fan_ins = {'fc': 256, 'fc_0': 256, 'fc_2': 1024}
+  for name, layer in params.items():
+    bound = 1 / np.sqrt(fan_ins[name])
+    for leaf in (layer['kernel'], layer['bias']):
+      leaf = np.asarray(leaf)
+      assert np.abs(leaf).max() <= bound and np.abs(leaf).max() > 0.98 * bound, name
+      np.testing.assert_allclose(leaf.std(), bound / np.sqrt(3), rtol=0.06)
+      assert abs(leaf.mean()) < 0.1 * bound
+
+
 def _autodiff_batch_norm(x, scale, bias, num_groups, epsilon=1e-5):
   """GroupedBatchNorm's training-mode maths in plain jnp, for autodiff."""
   dtype = jnp.promote_types(x.dtype, jnp.float32)

@@ -3,7 +3,7 @@
 The notebook executes in a Jupyter kernel of this interpreter (nbclient,
 kernel 'python3' of ipykernel) on real CIFAR-10 from the repository's
 ../shared/tfds, with a single CPU device, so it exercises the one-device
-shuffle-BN path (moco.bn_splits 8) that Colab GPUs take.
+shuffle-BN path (moco.bn_groups 8 on one device) that Colab GPUs take.
 """
 import glob
 import os
@@ -60,6 +60,9 @@ def test_quickstart_runs_in_quick_mode(tmp_path):
   last_step = max(e['step'] for e in events if 'loss' in e)
   assert knn_steps[0] == 0 and knn_steps[-1] == last_step, knn_steps
   assert all(np.isfinite(e['loss']) for e in events if 'loss' in e)
+  # The run's first metrics line says how BN groups the batch: 8 groups of 8.
+  first = next(e for e in events if 'loss' in e)
+  assert (first['bn_groups'], first['bn_groups_per_device'], first['bn_group_size']) == (8, 8, 8)
   lincls_events = read_metrics(os.path.join(workdir, 'lincls'))
   assert any('lincls_top1' in e for e in lincls_events), lincls_events
 
@@ -67,7 +70,8 @@ def test_quickstart_runs_in_quick_mode(tmp_path):
   from moco_jax.weights import export
   from moco_jax.weights import pretrained
   config = pretrained.load_config(workdir)
-  assert config.moco.bn_splits == 8 and config.train.batch_size == 64
+  assert config.moco.bn_groups == 8 and config.train.batch_size == 64
+  assert config.eval.knn_features == 'head'
   for name in ('views.png', 'loss.png', 'knn.png', 'retrieval.png'):
     assert os.path.getsize(os.path.join(workdir, name)) > 1000, name
 

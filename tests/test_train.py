@@ -32,13 +32,16 @@ def test_resume_is_exact(tiny_data_dir, tmp_path, monkeypatch):
 
   real_next, served = pipeline.TrainBatches.__next__, []
 
-  def dies_after_two_batches(batches):
-    if len(served) == 2:
-      raise KeyboardInterrupt  # the user presses Ctrl-C during step 3
+  def dies_at_the_fourth_batch(batches):
+    # The loop reads batch n+1 while step n runs, after step n-1's checkpoint
+    # was started: a KeyboardInterrupt here (not Ctrl-C, which the loop turns
+    # into a stop request) hits during step 3.
+    if len(served) == 3:
+      raise KeyboardInterrupt
     served.append(1)
     return real_next(batches)
 
-  monkeypatch.setattr(pipeline.TrainBatches, '__next__', dies_after_two_batches)
+  monkeypatch.setattr(pipeline.TrainBatches, '__next__', dies_at_the_fourth_batch)
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(config, interrupted)
   monkeypatch.setattr(pipeline.TrainBatches, '__next__', real_next)
@@ -90,7 +93,7 @@ def cli_workdir(tiny_data_dir, tmp_path_factory):
 def test_cli_smoke_writes_metrics_and_checkpoints_then_continues(cli_workdir, tiny_data_dir):
   events = read_metrics(cli_workdir)
   assert [e['step'] for e in events] == [2, 4]
-  for key in ('loss', 'top1', 'top5', 'lr', 'queue_ptr', 'images_per_sec'):
+  for key in ('loss', 'instance_top1', 'instance_top5', 'lr', 'queue_ptr', 'images_per_sec'):
     assert key in events[-1]
   assert np.isfinite(events[-1]['loss'])
   assert checkpointing.Checkpointer(cli_workdir).all_steps() == [2, 4]
@@ -104,7 +107,8 @@ def test_cli_smoke_writes_metrics_and_checkpoints_then_continues(cli_workdir, ti
 
 BAD_INPUTS = [
     (['--config.moco.queue_size=40'], 'moco.queue_size=40'),
-    (['--config.moco.bn_splits=3'], 'train.batch_size=16 is not divisible by devices × moco.bn_splits'),
+    (['--config.moco.bn_groups=3'], 'moco.bn_groups=3 with 1 device and train.batch_size=16'),
+    (['--config.moco.bn_groups=1'], 'moco.shuffle_bn=True with moco.bn_groups=1'),
     (['--config.model.arch=resnet42'], "model.arch='resnet42'"),
     (['--config.data.dataset=no_such_dataset'], "'no_such_dataset'"),
     (['--config.data.data_dir=/nonexistent/tfds'], "'/nonexistent/tfds' does not exist"),

@@ -26,20 +26,26 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_from = ''                 # optional weights to start f_q and f_k from
 
   c.model = ml_collections.ConfigDict()
-  c.model.arch = 'resnet50'        # resnet18, resnet34, resnet50, resnet101, resnet152
+  c.model.arch = 'resnet50'        # resnet18, resnet34, resnet50, resnet101, resnet152, vit_*
   c.model.width_multiplier = 1.0   # 2, 4 for R50w2/w4; 0.25 for narrow CPU nets
   c.model.cifar_stem = False       # 3×3 stride-1 first conv, no max-pool
-  c.model.head = 'mlp'             # 'linear' (v1) or 'mlp' (v2)
-  c.model.head_hidden_dim = 0      # 0: the backbone's feature width (2048 for R50)
+  c.model.head = 'mlp'             # 'linear' (v1), 'mlp' (v2), 'v3' (MLP with SyncBN)
+  c.model.head_hidden_dim = 0      # 0: the backbone's feature width (2048 for R50); 4096 for v3
+  c.model.predictor = False        # v3: predictor MLP on the query branch (head='v3')
+  c.model.stop_grad_conv1 = False  # v3 ViT: frozen random patch projection
   c.model.dim = 128
   c.model.conv_impl = 'auto'       # 'auto' (fast backward on CPU), 'xla', 'fast'
 
   c.moco = ml_collections.ConfigDict()
   c.moco.queue_size = 65536        # K, a multiple of the global batch
-  c.moco.momentum = 0.999
+  c.moco.momentum = 0.999          # m, or m₀ of the cosine schedule
+  c.moco.momentum_schedule = 'constant'  # 'cosine' (v3): m₀ -> 1 over the run
   c.moco.temperature = 0.2
   c.moco.shuffle_bn = True
-  c.moco.bn_splits = 1             # BN groups per device (8 on one device = 8 GPUs)
+  # BN groups in the GLOBAL batch, whatever the device count: the reference's 8
+  # GPUs (or SplitBN 8). Each device normalises bn_groups / devices groups.
+  c.moco.bn_groups = 8
+  c.moco.symmetric = False         # loss L(q1,k2) + L(q2,k1), 2B keys enqueued
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = 'imagenet2012'  # a TFDS name, or folder:/path (a subfolder per class)
@@ -50,11 +56,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.crop_scale = (0.2, 1.0)   # RandomResizedCrop area fraction
   c.data.augment = 'v2'            # v1, v2, v3, cifar, none (colour part, on device)
   c.data.normalization = 'imagenet'  # mean/std: 'imagenet' or 'cifar10'
-  c.data.shuffle_buffer = 50_000
   c.data.cache = False             # keep encoded images in memory (small sets)
   # Decode a JPEG only inside each crop window (decode_and_crop_jpeg) instead of
   # once per image: slower for two views (BENCHMARKS.md), so off by default.
   c.data.fused_jpeg_crop = False
+  # The split on the devices as uint8, cropped and flipped in the step (no host
+  # pipeline): True, False, or 'auto' (when all images share one size and the
+  # splits fit in on_device_max_fraction of a device's memory). npz: datasets
+  # need it.
+  c.data.on_device = ml_collections.FieldReference(False, field_type=object)
+  c.data.on_device_max_fraction = 0.25
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = 'sgd'             # sgd, lars, adamw
@@ -66,6 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.warmup_epochs = 0.0
 
   c.train = train_section(num_epochs=200, keep_checkpoints=3)
+  # Stop with exit 3 (nothing saved after the last checkpoint) once the
+  # collapse warning fires (runtime/health.py); by default only warn.
+  c.train.stop_on_collapse = False
 
   c.eval = ml_collections.ConfigDict()
   c.eval.knn_every = 0.0           # epochs between kNN evaluations; 0 = never
@@ -73,4 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 512          # feature-extraction batch (global)
   c.eval.knn_k = 200
   c.eval.knn_t = 0.1
+  # kNN feature: 'backbone' (pooled, e.g. 2048-d) or 'head' (the query
+  # encoder's L2-normalised projection, as the reference CIFAR demo).
+  c.eval.knn_features = 'backbone'
   return c

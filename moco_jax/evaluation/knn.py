@@ -1,7 +1,9 @@
 """The kNN monitor of the MoCo CIFAR-10 demo, batched and on the device.
 
-Bank: L2-normalised backbone features of the training split (evaluation
-transform, BN in inference mode). Each evaluation image takes its top-k
+Bank: L2-normalised features of the training split (evaluation transform,
+BN in inference mode): `eval.knn_features = 'backbone'` the pooled backbone
+features, `'head'` the query encoder's projection (backbone + head), as the
+reference CIFAR demo's monitor. Each evaluation image takes its top-k
 cosine neighbours in the bank, weighs each by exp(similarity / t), sums the
 weights per class and predicts the arg-max.
 
@@ -19,10 +21,11 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moco_jax import augment
-from moco_jax.data import pipeline
-from moco_jax.config.checks import ConfigError
-from moco_jax.models import resnet
+from moco_jax.data import inputs
+from moco_jax.config.checks import KNN_FEATURES, ConfigError
+from moco_jax.models import build_backbone, build_encoder
 from moco_jax.runtime.mesh import AXIS
+from moco_jax.runtime.progress import progress
 from moco_jax.config.normalization import MEAN_STD
 
 # Bank rows compared with an evaluation batch at a time: a (batch, chunk)
@@ -118,29 +121,66 @@ def knn_predict(test_features, bank_features, bank_labels, num_classes: int,
 
 
 def backbone_from_config(config: ml_collections.ConfigDict):
-  """The pretraining config's ResNet backbone (for inference, no BN groups)."""
-  model = config.model
-  return resnet(model.arch, width_multiplier=model.width_multiplier,
-                cifar_stem=model.cifar_stem, dtype=jnp.dtype(config.dtype),
-                conv_impl=model.get('conv_impl', 'xla'))
+  """The pretraining config's backbone (for inference, no BN groups): a
+  ResNet (pooled features) or a ViT (the final-norm class token)."""
+  return build_backbone(config.model, 1, jnp.dtype(config.dtype),
+                        config.model.get('conv_impl', 'xla'),
+                        image_size=config.data.image_size)
 
 
-def features_fn(backbone, mean, std):
+def knn_features(config: ml_collections.ConfigDict) -> str:
+  """eval.knn_features; 'backbone' for runs saved before the key existed."""
+  return config.eval.get('knn_features', 'backbone')
+
+
+def feature_model(config: ml_collections.ConfigDict):
+  """(module, width) whose inference output kNN compares: the backbone
+  ('backbone', width F) or the whole query encoder ('head', width model.dim).
+
+  Raises ConfigError for another eval.knn_features.
+  """
+  kind = knn_features(config)
+  if kind == 'backbone':
+    backbone = backbone_from_config(config)
+    return backbone, backbone.num_features
+  if kind == 'head':
+    encoder = build_encoder(config.model, 1, jnp.dtype(config.dtype),
+                            config.model.get('conv_impl', 'xla'),
+                            image_size=config.data.image_size)
+    return encoder, config.model.dim
+  raise ConfigError(f'eval.knn_features={kind!r} is not one of '
+                    f'{", ".join(KNN_FEATURES)}')
+
+
+def features_fn(model, mean, std):
   """f(params, batch_stats, uint8 images (N, S, S, 3)) -> (N, F) unit rows,
-  with BN in inference mode."""
+  with BN in inference mode; `model` a backbone or an Encoder (then params
+  and batch_stats are the encoder's, {'backbone', 'head'})."""
   def features(params, batch_stats, images):
     x = augment.normalize(images, mean, std)
-    out = backbone.apply({'params': params, 'batch_stats': batch_stats}, x,
-                         train=False)
+    out = model.apply({'params': params, 'batch_stats': batch_stats}, x,
+                      train=False)
     return l2_normalize(out.astype(jnp.float32))
   return features
 
 
-class KnnEvaluator:
-  """kNN top-1 of a backbone: bank = data.train_split, queries = data.eval_split.
+def clamped_k(k: int, bank_size: int) -> int:
+  """min(k, bank_size), with a one-line note when k is larger than the bank
+  (the extra neighbours would have weight 0: the result is the same)."""
+  if k <= bank_size:
+    return k
+  if jax.process_index() == 0:
+    print(f'note: eval.knn_k={k} is more than the {bank_size} images of the kNN '
+          f'bank (data.train_split); using k={bank_size}', flush=True)
+  return bank_size
 
-  Usage: `KnnEvaluator(config, mesh)(params['backbone'],
-  batch_stats['backbone'])` -> {'knn_top1': percent}. The evaluation batch
+
+class KnnEvaluator:
+  """kNN top-1 of a query encoder: bank = data.train_split, queries =
+  data.eval_split, features per eval.knn_features.
+
+  Usage: `KnnEvaluator(config, mesh)(state.params, state.batch_stats)` (the
+  whole encoder's variables) -> {'knn_top1': percent}. The evaluation batch
   (`eval.batch_size`, global) must be divisible by the mesh size. Datasets
   are opened once, so calling it every epoch re-reads (or, with data.cache,
   reuses) the same images.
@@ -154,19 +194,21 @@ class KnnEvaluator:
                        f'the {devices} devices')
     self.config, self.mesh = config, mesh
     self.k, self.temperature, self.chunk = config.eval.knn_k, config.eval.knn_t, chunk
-    self.num_classes = pipeline.dataset_info(config.data).num_classes
+    self.num_classes = inputs.dataset_info(config.data).num_classes
     if self.num_classes <= 0:
-      raise pipeline.DatasetError(
+      raise inputs.DatasetError(
           f'data.dataset {config.data.dataset!r} has no class labels for kNN')
     local_batch = batch // jax.process_count()
-    self.bank_batches = pipeline.eval_batches(
-        config.data, config.data.train_split, local_batch)
-    self.test_batches = pipeline.eval_batches(
-        config.data, config.data.eval_split, local_batch)
+    # From the devices' copy of the splits with data.on_device (inputs.py).
+    self.bank_batches = inputs.eval_batches(
+        config.data, config.data.train_split, local_batch, mesh)
+    self.test_batches = inputs.eval_batches(
+        config.data, config.data.eval_split, local_batch, mesh)
+    self.k = clamped_k(self.k, self.bank_batches.num_examples)
     mean, std = MEAN_STD[config.data.normalization]
-    backbone = backbone_from_config(config)
-    self.num_features = backbone.num_features
-    self.features = features_fn(backbone, mean, std)
+    model, self.num_features = feature_model(config)
+    self.use_head = knn_features(config) == 'head'
+    self.features = features_fn(model, mean, std)
     self._sharded = NamedSharding(mesh, P(AXIS))
     self._bank_sharding = NamedSharding(mesh, P(None, AXIS))
     self._store = self._make_store()
@@ -210,6 +252,8 @@ class KnnEvaluator:
     return jax.jit(mapped)
 
   def _global(self, local):
+    if isinstance(local, jax.Array):   # already on the devices (data.on_device)
+      return local
     return jax.make_array_from_process_local_data(self._sharded, local)
 
   def bank(self, params, batch_stats):
@@ -226,17 +270,18 @@ class KnnEvaluator:
                              jnp.zeros((num_batches, global_batch), bool)),
                     out_shardings=(self._bank_sharding,) * 3)
     bank = zeros()
-    for index, batch in enumerate(self.bank_batches):
+    for index, batch in enumerate(progress(self.bank_batches, 'kNN bank')):
       bank = self._store(bank, params, batch_stats, self._global(batch['image']),
                          self._global(batch['label']), self._global(batch['mask']),
                          jnp.int32(index))
+      bank[2].block_until_ready()  # the bar counts computed batches
     return bank
 
   def predict(self, params, batch_stats):
     """(labels, predictions): int32 NumPy arrays over the whole eval split."""
     bank = self.bank(params, batch_stats)
     labels, predictions = [], []
-    for batch in self.test_batches:
+    for batch in progress(self.test_batches, 'kNN queries'):
       predicted, label, mask = jax.device_get(self._classify(
           bank, params, batch_stats, self._global(batch['image']),
           self._global(batch['label']), self._global(batch['mask'])))
@@ -244,7 +289,14 @@ class KnnEvaluator:
       predictions.append(predicted[mask])
     return np.concatenate(labels), np.concatenate(predictions)
 
-  def __call__(self, backbone_params, backbone_batch_stats) -> dict:
-    """{'knn_top1': percent of the eval split classified correctly}."""
-    labels, predictions = self.predict(backbone_params, backbone_batch_stats)
+  def __call__(self, params, batch_stats) -> dict:
+    """{'knn_top1': percent of the eval split classified correctly}.
+
+    params, batch_stats: the query encoder's ({'backbone', 'head'}; the
+    backbone's alone are enough for eval.knn_features='backbone').
+    """
+    if not self.use_head and 'backbone' in params:
+      # A ViT backbone has no BN statistics.
+      params, batch_stats = params['backbone'], batch_stats.get('backbone', {})
+    labels, predictions = self.predict(params, batch_stats)
     return {'knn_top1': 100.0 * float(np.mean(labels == predictions))}

@@ -89,8 +89,8 @@ class ResNet(nn.Module):
       bottleneck interior, which is a different network). Fractional
       multipliers (0.25) give narrow nets for CPUs.
     cifar_stem: 3×3 stride-1 first conv and no max-pool (for 32×32 inputs).
-    bn_splits: BatchNorm groups per batch in training mode (see
-      GroupedBatchNorm).
+    bn_groups: BatchNorm groups in each training-mode batch this module sees
+      (per device: moco.bn_groups / devices; see GroupedBatchNorm).
     dtype: compute dtype (params stay float32).
     conv_impl: 'xla', 'fast' (CPU-friendly backward) or 'auto'.
   """
@@ -98,7 +98,7 @@ class ResNet(nn.Module):
   block: str = 'bottleneck'
   width_multiplier: float = 1
   cifar_stem: bool = False
-  bn_splits: int = 1
+  bn_groups: int = 1
   dtype: Any = jnp.float32
   conv_impl: str = 'xla'
 
@@ -115,7 +115,7 @@ class ResNet(nn.Module):
                              use_bias=False, dtype=self.dtype,
                              kernel_init=conv_init)
     norm = functools.partial(GroupedBatchNorm, use_running_average=not train,
-                             num_groups=self.bn_splits, dtype=self.dtype)
+                             num_groups=self.bn_groups, dtype=self.dtype)
     block_cls = {'basic': BasicBlock, 'bottleneck': Bottleneck}[self.block]
     width = int(64 * self.width_multiplier)
 

@@ -9,12 +9,16 @@ Formats:
   detectron2   .pkl as the MoCo reference conversion writes it:
                {'model': {name: array}, '__author__': 'MOCO',
                'matching_heuristics': True}.
+  timm         a ViT backbone as a timm VisionTransformer state_dict
+               (`vit_*_patch16_224` names, with the fixed sin-cos pos_embed;
+               load with num_classes=0): .pth with torch, else .npz.
 The projection head is left out unless --with_head (torchvision/Detectron2:
-under the reference's names `fc.*` or `fc.0.*`/`fc.2.*`).
+under the reference's names `fc.*` or `fc.0.*`/`fc.2.*`; timm: MoCo v3's
+base_encoder names `head.*` and `predictor.*`).
+ResNets export to flax, torchvision and detectron2; ViTs to flax and timm.
 """
 import functools
 import os
-import pickle
 import sys
 
 import flax.serialization
@@ -24,12 +28,12 @@ import numpy as np
 
 from moco_jax import optim
 from moco_jax.runtime import checkpointing
-from moco_jax.weights import convert
-from moco_jax.models import build_encoder, resnet
+from moco_jax.weights import convert, portable, timm
+from moco_jax.models import build_encoder, frozen_params, is_vit, resnet, vit
 from moco_jax.state import create_state
 from moco_jax.config.normalization import MEAN_STD
 
-FORMATS = ('flax', 'torchvision', 'detectron2')
+FORMATS = ('flax', 'torchvision', 'detectron2', 'timm')
 FLAX_FORMAT = 'moco_jax.backbone'
 
 
@@ -50,15 +54,17 @@ def abstract_state(config: ml_collections.ConfigDict):
 
   Unlike Experiment this needs neither the dataset nor the run's devices.
   """
-  encoder = build_encoder(config.model, config.moco.bn_splits)
+  # One BN group: grouping only matters in training and never changes shapes
+  # (runs saved with the old moco.bn_splits export the same way).
+  encoder = build_encoder(config.model, image_size=config.data.image_size)
   # The schedule's values never change the optimiser state's structure.
   schedule = optim.learning_rate_schedule(config.optim, config.train.batch_size,
                                           steps_per_epoch=1, total_steps=1)
-  optimizer = optim.build_optimizer(config.optim, schedule)
+  optimizer = optim.build_optimizer(config.optim, schedule, frozen_params(config.model))
   shapes = jax.eval_shape(functools.partial(
       create_state, encoder, optimizer, image_size=config.data.image_size,
-      queue_size=config.moco.queue_size, dim=config.model.dim,
-      bn_splits=config.moco.bn_splits), jax.random.PRNGKey(0))
+      queue_size=config.moco.queue_size, dim=config.model.dim),
+      jax.random.PRNGKey(0))
   cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend='cpu')[0])
   return jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cpu), shapes)
@@ -100,21 +106,53 @@ def model_info(config) -> dict:
   """What load_flax_backbone needs to rebuild the ResNet, plus input facts."""
   mean, std = MEAN_STD[config.data.normalization]
   return dict(arch=config.model.arch,
+              patch_size=int(vit_patch(config.model.arch)),
               width_multiplier=float(config.model.width_multiplier),
               cifar_stem=bool(config.model.cifar_stem),
               image_size=int(config.data.image_size), mean=list(mean),
               std=list(std))
 
 
+def vit_patch(arch: str) -> int:
+  """A ViT arch's patch size; 0 for a ResNet."""
+  from moco_jax.models.vit import ARCHS  # pylint: disable=g-import-not-at-top
+  return ARCHS[arch].patch if is_vit(arch) else 0
+
+
 def _backbone(variables):
+  # A ViT has no batch statistics.
   return {'params': variables['params']['backbone'],
-          'batch_stats': variables['batch_stats']['backbone']}
+          'batch_stats': variables['batch_stats'].get('backbone', {})}
+
+
+def timm_state_dict(variables, image_size: int, with_head: bool = False):
+  """Encoder variables of a ViT -> {timm name: array}; with_head adds the
+  v3 projector and predictor under MoCo v3's base_encoder names (`head.*`,
+  and `predictor.*`), i.e. {**backbone, **head} is a base_encoder state_dict."""
+  flat = timm.to_timm({'params': variables['params']['backbone']}, image_size)
+  if with_head:
+    for name in ('head', 'predictor'):
+      if name in variables['params']:
+        part = {'params': variables['params'][name]}
+        if name in variables['batch_stats']:
+          part['batch_stats'] = variables['batch_stats'][name]
+        flat.update(timm.to_state_dict(part))
+  return flat
 
 
 def torchvision_state_dict(variables, step: int = 0, with_head: bool = False):
   """Encoder variables -> {torchvision name: numpy array}."""
   flat = convert.to_torchvision(_backbone(variables), num_batches_tracked=step)
-  if with_head:
+  if with_head and 'fc_1' in variables['params']['head']:
+    # MoCo v3's projector (BN, bias-free Linear) and predictor: the
+    # reference's names fc.{0,1,3,4}.*, predictor.*.
+    for name in ('head', 'predictor'):
+      if name in variables['params']:
+        part = {'params': variables['params'][name]}
+        if name in variables['batch_stats']:
+          part['batch_stats'] = variables['batch_stats'][name]
+        flat.update(timm.to_state_dict(part, num_batches_tracked=step))
+  elif with_head:
     flat.update(convert.to_torchvision({'params': variables['params']['head']}))
   return flat
 
@@ -123,7 +161,12 @@ def save_flax(path: str, config, step: int, variables, with_head: bool = False):
   """Writes the backbone (and head) as one msgpack file."""
   tree = dict(format=FLAX_FORMAT, version=1, step=int(step),
               model=model_info(config), **_backbone(variables))
-  if with_head:
+  if with_head and config.model.head == 'v3':
+    tree['head'] = dict(kind='v3', dim=int(config.model.dim), variables={
+        name: {'params': variables['params'][name],
+               'batch_stats': variables['batch_stats'].get(name, {})}
+        for name in ('head', 'predictor') if name in variables['params']})
+  elif with_head:
     head = variables['params']['head']
     hidden = head['fc_0']['kernel'].shape[1] if 'fc_0' in head else 0
     tree['head'] = dict(kind=config.model.head, dim=int(config.model.dim),
@@ -156,6 +199,9 @@ def load_flax_backbone(path: str, **overrides):
   """
   tree = read_flax_export(path)
   info = tree['model']
+  if is_vit(info['arch']):   # a models.ViT; no batch_stats
+    module = vit(info['arch'], image_size=info['image_size'], **overrides)
+    return module, {'params': tree['params'], 'batch_stats': {}}
   module = resnet(info['arch'], width_multiplier=info['width_multiplier'],
                   cifar_stem=info['cifar_stem'], **overrides)
   return module, {'params': tree['params'], 'batch_stats': tree['batch_stats']}
@@ -164,6 +210,8 @@ def load_flax_backbone(path: str, **overrides):
 def flax_export_to_torchvision(path: str) -> dict:
   """A flax export's arrays under torchvision names (head: fc.*)."""
   tree = read_flax_export(path)
+  if is_vit(tree['model']['arch']):   # timm names (weights/timm.py)
+    return timm.to_timm({'params': tree['params']}, tree['model']['image_size'])
   flat = convert.to_torchvision({'params': tree['params'],
                                  'batch_stats': tree['batch_stats']})
   if 'head' in tree:
@@ -199,18 +247,21 @@ def save_torchvision(path: str, flat: dict):
 
 
 def save_detectron2(path: str, flat: dict):
+  """The pickle Detectron2's checkpointer reads (arrays written so that
+  NumPy 1.x and 2.x both load them: weights/portable.py)."""
   obj = {'model': convert.to_detectron2(flat), '__author__': 'MOCO',
          'matching_heuristics': True}
-  _write(path, pickle.dumps(obj))
+  _write(path, portable.dumps(obj))
 
 
 _EXTENSIONS = {'flax': ('.msgpack',), 'torchvision': ('.pth', '.pt', '.npz'),
-               'detectron2': ('.pkl',)}
+               'detectron2': ('.pkl',), 'timm': ('.pth', '.pt', '.npz')}
 
 
 def default_output(workdir: str, fmt: str, step: int, with_head: bool) -> str:
   ext = {'flax': '.msgpack', 'detectron2': '.pkl',
-         'torchvision': '.pth' if _torch() else '.npz'}[fmt]
+         'torchvision': '.pth' if _torch() else '.npz',
+         'timm': '.pth' if _torch() else '.npz'}[fmt]
   what = 'encoder' if with_head else 'backbone'
   return os.path.join(workdir, 'export', f'{fmt}_{what}_step{step}{ext}')
 
@@ -232,8 +283,19 @@ def export(workdir: str, fmt: str, output: str | None = None,
                       'or write a .npz with the same names')
   config, step, variables = restore_encoder(workdir, step)
   output = output or default_output(workdir, fmt, step, with_head)
+  vit_model = is_vit(config.model.arch)
+  if fmt == 'timm' and not vit_model:
+    raise ExportError(f'--format=timm is for ViT backbones; {config.model.arch} '
+                      f'exports with --format=torchvision or detectron2')
+  if vit_model and fmt in ('torchvision', 'detectron2'):
+    raise ExportError(f'--format={fmt} is for ResNets; the ViT '
+                      f'{config.model.arch} exports with --format=timm or flax')
   if fmt == 'flax':
     save_flax(output, config, step, variables, with_head)
+    return output
+  if fmt == 'timm':
+    save_torchvision(output, timm_state_dict(variables, config.data.image_size,
+                                             with_head))
     return output
   changes = ((['conv1 3x3 stride 1 and no max-pool'] if config.model.cifar_stem else [])
              + ([f'every width x{config.model.width_multiplier:g}']

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moco_jax import optim
 from moco_jax.runtime import checkpointing
-from moco_jax.models import build_encoder
+from moco_jax.models import build_encoder, frozen_params
 from moco_jax.state import create_state
 
 
@@ -23,11 +23,15 @@ class PretrainedError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Pretrained:
   """config: the run's saved config; step: the checkpoint's step;
-  params / batch_stats: f_q's backbone variables (replicated on the mesh)."""
+  params / batch_stats: f_q's backbone variables (replicated on the mesh);
+  encoder_params / encoder_batch_stats: the whole f_q's ({'backbone',
+  'head'}), for evaluations of the head's output (eval.knn_features='head')."""
   config: ml_collections.ConfigDict
   step: int
   params: Any
   batch_stats: Any
+  encoder_params: Any = None
+  encoder_batch_stats: Any = None
 
 
 def checkpoint_step(workdir: str, step: int | None = None) -> int:
@@ -86,14 +90,17 @@ def load(workdir: str, mesh, step: int | None = None,
   """
   step = checkpoint_step(workdir, step)
   config = config or load_config(workdir, step)
-  encoder = build_encoder(config.model, config.moco.bn_splits,
-                          jnp.dtype(config.dtype), config.model.conv_impl)
+  # BN groups only matter in training and never change shapes, so runs saved
+  # with the old per-device moco.bn_splits load too.
+  encoder = build_encoder(config.model, 1, jnp.dtype(config.dtype),
+                          config.model.conv_impl, image_size=config.data.image_size)
   # The optimiser's state layout does not depend on the schedule's values.
-  optimizer = optim.build_optimizer(config.optim, optax.constant_schedule(0.0))
+  optimizer = optim.build_optimizer(config.optim, optax.constant_schedule(0.0),
+                                    frozen_params(config.model))
   shapes = jax.eval_shape(functools.partial(
       create_state, encoder, optimizer, image_size=config.data.image_size,
-      queue_size=config.moco.queue_size, dim=config.model.dim,
-      bn_splits=config.moco.bn_splits), jax.random.PRNGKey(0))
+      queue_size=config.moco.queue_size, dim=config.model.dim),
+      jax.random.PRNGKey(0))
   replicated = NamedSharding(mesh, P())
   abstract = jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
@@ -101,4 +108,6 @@ def load(workdir: str, mesh, step: int | None = None,
   state = checkpointer.restore(abstract, step)
   checkpointer.close()
   return Pretrained(config=config, step=step, params=state.params['backbone'],
-                    batch_stats=state.batch_stats['backbone'])
+                    batch_stats=state.batch_stats.get('backbone', {}),  # ViT: none
+                    encoder_params=state.params,
+                    encoder_batch_stats=state.batch_stats)
