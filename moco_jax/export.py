@@ -1,20 +1,21 @@
 """Command line: export a pretraining run's backbone.
 
-  python -m moco_jax.export --workdir=DIR --format=flax|torchvision|detectron2
+  python -m moco_jax.export --workdir=DIR --format=flax|torchvision|detectron2|timm
       [--output=PATH] [--step=N] [--with_head]
 
 The formats are described in moco_jax/weights/export.py.
 """
 import os
-import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
 
 from absl import app, flags, logging
 
-from moco_jax.weights.export import FORMATS, ExportError, export
+from moco_jax.runtime import cli
 
 FLAGS = flags.FLAGS
+FORMATS = ('flax', 'torchvision', 'detectron2', 'timm')  # weights.export.FORMATS
+FLAG_NAMES = ('workdir', 'format', 'output', 'step', 'with_head')
 
 
 def define_flags():
@@ -26,22 +27,42 @@ def define_flags():
                       'WORKDIR/export/FORMAT_backbone_stepN.EXT.')
   flags.DEFINE_integer('step', None, 'Checkpoint step; default: the newest.')
   flags.DEFINE_bool('with_head', False, 'Also export the projection head.')
-  flags.mark_flags_as_required(['workdir', 'format'])
+
+
+def usage() -> str:
+  return f'{__doc__.strip()}\n\nflags:\n{cli.flag_help(FLAGS, FLAG_NAMES)}'
+
+
+def parse_flags(argv):
+  """absl's parsing; --help exits 0; every problem is one line (exit 2)."""
+  cli.handle_help(argv, usage)
+  try:
+    argv = FLAGS(argv)
+  except Exception as error:  # absl raises many kinds
+    cli.fail(f'invalid command line: {cli.error_line(error)}')
+  if len(argv) > 1:
+    cli.fail(f'unexpected arguments: {" ".join(argv[1:])} (flags look like --name=value)')
+  problem = (cli.workdir_problem(FLAGS.workdir, must_exist=True)
+             or (None if FLAGS.format else
+                 f'--format is required: --format={"|".join(FORMATS)}'))
+  if problem:
+    cli.fail(problem)
+  return argv
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  del argv  # checked by parse_flags
   logging.set_verbosity(logging.WARNING)  # orbax's info lines drown the result
+  cli.import_tensorflow_quietly()
+  from moco_jax.weights.export import ExportError, export
   try:
     path = export(FLAGS.workdir, FLAGS.format, FLAGS.output, FLAGS.step,
                   FLAGS.with_head)
   except ExportError as error:
-    print(f'error: {error}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail(error)
   print(path)
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

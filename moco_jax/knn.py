@@ -70,7 +70,7 @@ def main(argv):
   writer.write(step, metrics)
   writer.close()
   print(f'step {step}: knn_top1 {metrics["knn_top1"]:.2f} '
-        f'(k={config.eval.knn_k}, t={config.eval.knn_t}, '
+        f'(k={evaluator.k}, t={config.eval.knn_t}, '
         f'features={knn.knn_features(config)})')
 
 

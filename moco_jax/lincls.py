@@ -3,41 +3,85 @@
   python -m moco_jax.lincls --config=configs/lincls_cifar10.py --workdir=OUT \
       --config.pretrained=PRETRAIN_DIR
 
-The protocol is described in moco_jax/evaluation/linear.py.
+The protocol is described in moco_jax/evaluation/linear.py. Rerun the same
+command to resume; Ctrl-C or SIGTERM saves the current step first (a second
+Ctrl-C exits at once).
 """
 import os
-import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
 
-from moco_jax.config.checks import ConfigError
-from moco_jax.data.sources import DatasetError
-from moco_jax.evaluation.linear import linear_evaluation
-from moco_jax.weights.pretrained import PretrainedError
+from moco_jax.runtime import cli
+
+FLAG_NAMES = ('config', 'workdir')
 
 
 def main(argv):
-  from absl import app, flags, logging
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  del argv  # checked by parse_flags
+  from absl import flags, logging
   logging.set_verbosity(logging.WARNING)  # orbax/tfds info lines
+  cli.import_tensorflow_quietly()
+  from moco_jax.config.checks import ConfigError
+  from moco_jax.data.sources import DatasetError
+  from moco_jax.evaluation.linear import linear_evaluation
+  from moco_jax.weights.pretrained import PretrainedError
+  from moco_jax.runtime.health import NonFiniteError
   try:
-    linear_evaluation(flags.FLAGS.config, flags.FLAGS.workdir)
+    linear_evaluation(load_config(), flags.FLAGS.workdir, second_interrupt='exit')
   except (ConfigError, DatasetError, PretrainedError) as error:
-    print(f'error: {error}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail(error)
+  except NonFiniteError as error:
+    cli.fail(error, code=3)
 
 
 def _define_flags():
   from absl import flags
   from ml_collections import config_flags
-  config_flags.DEFINE_config_file('config', None, 'Path to a lincls config file.',
-                                  lock_config=True)
+  config_flags.DEFINE_config_file('config', None, 'Path to a lincls config file '
+                                  '(configs/lincls_*.py).', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
-  flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def usage() -> str:
+  from absl import flags
+  return (f'{__doc__.strip()}\n\nrecipes (--config=...):\n{cli.recipe_list("lincls")}\n\n'
+          f'flags:\n{cli.flag_help(flags.FLAGS, FLAG_NAMES)}\n'
+          f'  --config.SECTION.KEY=VALUE: override a config value')
+
+
+def parse_flags(argv):
+  """absl's parsing; --help exits 0; every problem is one line (exit 2)."""
+  from absl import flags
+  cli.handle_help(argv, usage)
+  cli.check_config_flag(argv, 'lincls')
+  try:
+    argv = flags.FLAGS(argv)
+  except Exception as error:  # absl and config_flags raise many kinds
+    cli.fail(f'invalid command line: {cli.error_line(error)}')
+  if len(argv) > 1:
+    cli.fail(f'unexpected arguments: {" ".join(argv[1:])} (flags look like --name=value)')
+  problem = cli.workdir_problem(flags.FLAGS.workdir)
+  if problem:
+    cli.fail(problem)
+  return argv
+
+
+def load_config():
+  from absl import flags
+  from ml_collections import config_flags
+  try:
+    config = flags.FLAGS.config
+    config.seed
+  except Exception as error:  # the file's own errors, bad overrides
+    cli.fail(f'invalid --config: {cli.error_line(error)}')
+  if 'pretrained' not in config:
+    cli.fail(f'--config={config_flags.get_config_filename(flags.FLAGS["config"])} is '
+             f'not a linear-evaluation config (no `pretrained` key; use '
+             f'configs/lincls_*.py); pretraining runs with python -m moco_jax.main')
+  return config
 
 
 if __name__ == '__main__':
   from absl import app
   _define_flags()  # here, not at import: tests import this module
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -1,6 +1,11 @@
-"""Command line: python -m moco_jax.main --config=configs/NAME.py --workdir=DIR.
+"""Command line: MoCo pretraining.
 
-Any config value can be overridden: --config.moco.queue_size=4096.
+  python -m moco_jax.main --config=configs/NAME.py --workdir=DIR [--config.a.b=v ...]
+
+Any config value can be overridden: --config.moco.queue_size=4096;
+--show_config prints the resolved config and exits. Rerun the same command to
+resume from the newest checkpoint in DIR. Ctrl-C or SIGTERM: finish the step,
+save, exit 0; a second Ctrl-C exits at once (130).
 Several processes (hosts): the same command on each, plus either
 --distributed (Cloud TPU pods, SLURM, Open MPI: JAX finds the others) or
 --coordinator_address=HOST:PORT --num_processes=N --process_id=i.
@@ -13,12 +18,13 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from moco_jax.runtime import cli
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
-                                lock_config=True)
+config_flags.DEFINE_config_file('config', None, 'Path to a config file (a recipe '
+                                'in configs/).', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.DEFINE_bool('show_config', False, 'Print the resolved config and exit.')
 flags.DEFINE_bool('distributed', False,
                   'Join a multi-process run that JAX detects by itself (Cloud '
                   'TPU pod, SLURM, Open MPI); run the same command on every host.')
@@ -27,51 +33,76 @@ flags.DEFINE_string('coordinator_address', None,
                     'hand (with --num_processes and --process_id).')
 flags.DEFINE_integer('num_processes', None, 'Processes in the multi-process run.')
 flags.DEFINE_integer('process_id', None, "This process's index, 0…num_processes-1.")
+FLAG_NAMES = ('config', 'workdir', 'show_config', 'distributed', 'coordinator_address',
+              'num_processes', 'process_id')
+
+
+def usage() -> str:
+  return (f'{__doc__.strip()}\n\nrecipes (--config=...):\n{cli.recipe_list("pretrain")}\n\n'
+          f'flags:\n{cli.flag_help(FLAGS, FLAG_NAMES)}\n\nconfig sections: model, moco, '
+          f'data, optim, train, eval, seed, dtype (--config=X --show_config lists every key)')
 
 
 def parse_flags(argv):
-  """absl's parsing, with a bad --config file or override as a one-line error."""
+  """absl's parsing, with --help on stdout (exit 0) and every problem with the
+  command line as a one-line error (exit 2)."""
+  cli.handle_help(argv, usage)
+  cli.check_config_flag(argv)
   try:
     argv = FLAGS(argv)
-    FLAGS.config.seed  # config_flags defers file errors to the first access
-    return argv
-  except Exception as error:  # config_flags raises KeyError, AttributeError, …
-    while error.args and isinstance(error.args[0], Exception):
-      error = error.args[0]  # unwrap AttributeError(KeyError(message))
-    if isinstance(error, OSError) and error.__cause__ is not None:
-      error = error.__cause__  # the file that failed to load, not the retry
-    message = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
-    print(f'error: invalid command line: {" ".join(message.split())}', file=sys.stderr)
-    sys.exit(2)
+  except Exception as error:  # absl and config_flags raise many kinds
+    cli.fail(f'invalid command line: {cli.error_line(error)}')
+  if len(argv) > 1:
+    cli.fail(f'unexpected arguments: {" ".join(argv[1:])} (flags look like --name=value)')
+  if not FLAGS.show_config:
+    problem = cli.workdir_problem(FLAGS.workdir)
+    if problem:
+      cli.fail(problem)
+  return argv
+
+
+def load_config():
+  """The config file with its overrides (config_flags loads it on first access)."""
+  try:
+    FLAGS.config.seed
+  except Exception as error:  # the file's own errors, bad overrides
+    cli.fail(f'invalid --config: {cli.error_line(error)}')
+  if 'moco' not in FLAGS.config:
+    cli.fail(f'--config={config_flags.get_config_filename(FLAGS["config"])} is not a '
+             f'pretraining config (no moco section); linear evaluation runs with '
+             f'python -m moco_jax.lincls')
+  return FLAGS.config
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  del argv  # checked by parse_flags
   logging.set_verbosity(logging.WARNING)  # orbax/tfds info lines drown the bar
-  # Before anything asks JAX for devices: JAX joins a cluster only before its
-  # backends start.
+  config = load_config()
+  if FLAGS.show_config:
+    print(config)
+    return
+  # Before anything asks JAX for devices (a config may: configs/quickstart.py):
+  # JAX joins a cluster only before its backends start.
   from moco_jax.runtime import distributed
   try:
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                            FLAGS.process_id, auto=FLAGS.distributed)
   except distributed.DistributedError as error:
-    print(f'error: {error}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail(error)
+  cli.import_tensorflow_quietly()
   # Imported after flag parsing: JAX and TensorFlow take seconds to load.
   from moco_jax import train
-  from moco_jax.runtime.checkpointing import CheckpointError
   from moco_jax.config.checks import ConfigError
-  from moco_jax.weights.convert import WeightsError
   from moco_jax.data.pipeline import DatasetError
+  from moco_jax.runtime.checkpointing import CheckpointError
+  from moco_jax.runtime.health import CollapseError
+  from moco_jax.weights.convert import WeightsError
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    train.train_and_evaluate(config, FLAGS.workdir, second_interrupt='exit')
   except (ConfigError, DatasetError, CheckpointError, WeightsError) as error:
-    print(f'error: {error}', file=sys.stderr)
-    sys.exit(2)
-  except train.NonFiniteError as error:
-    print(f'error: {error}', file=sys.stderr)
-    sys.exit(3)
+    cli.fail(error)
+  except (train.NonFiniteError, CollapseError) as error:
+    cli.fail(error, code=3)
 
 
 if __name__ == '__main__':

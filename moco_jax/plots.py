@@ -6,7 +6,6 @@ Writes loss.png, knn.png, views.png and retrieval.png (described in
 moco_jax/evaluation/plots.py) and prints their paths.
 """
 import os
-import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
 
@@ -16,6 +15,7 @@ from ml_collections import config_flags
 from moco_jax.config.base import base_config
 from moco_jax.evaluation.plots import (augmented_views, class_names, plot_curves,
                                        plot_retrieval, plot_views, retrieval)
+from moco_jax.runtime import cli
 from moco_jax.runtime.mesh import make_mesh
 
 FLAGS = flags.FLAGS
@@ -27,13 +27,33 @@ flags.DEFINE_integer('bank_size', 50_000, 'Training images searched for neighbou
                      '(the first ones of the split).')
 config_flags.DEFINE_config_dict('config', base_config(),
                                 'Overrides of the saved config, e.g. --config.data.data_dir=...')
-flags.mark_flags_as_required(['workdir'])
+FLAG_NAMES = ('workdir', 'step', 'num_images', 'neighbours', 'bank_size')
+
+
+def usage() -> str:
+  return (f'{__doc__.strip()}\n\nflags:\n{cli.flag_help(FLAGS, FLAG_NAMES)}\n'
+          f'  --config.SECTION.KEY=VALUE: override a value of the saved config')
+
+
+def parse_flags(argv):
+  """absl's parsing; --help exits 0; every problem is one line (exit 2)."""
+  cli.handle_help(argv, usage)
+  try:
+    argv = FLAGS(argv)
+  except Exception as error:  # absl and config_flags raise many kinds
+    cli.fail(f'invalid command line: {cli.error_line(error)}')
+  if len(argv) > 1:
+    cli.fail(f'unexpected arguments: {" ".join(argv[1:])} (flags look like --name=value)')
+  problem = cli.workdir_problem(FLAGS.workdir, must_exist=True)
+  if problem:
+    cli.fail(problem)
+  return argv
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  del argv  # checked by parse_flags
   logging.set_verbosity(logging.WARNING)
+  cli.import_tensorflow_quietly()
   import jax
   from moco_jax.weights import pretrained
   from moco_jax.data.pipeline import DatasetError
@@ -53,12 +73,12 @@ def main(argv):
     written.append(plot_retrieval(found, class_names(config.data),
                                   os.path.join(workdir, 'retrieval.png')))
   except (pretrained.PretrainedError, DatasetError) as error:
-    print(f'error: {error}', file=sys.stderr)
-    sys.exit(2)
-  finally:
     for path in written:
       print(path)
+    cli.fail(error)
+  for path in written:
+    print(path)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -53,8 +53,9 @@ def restore_or_init(experiment: Experiment, checkpointer: checkpointing.Checkpoi
     problems = checkpointing.incompatibilities(saved, experiment.config.to_dict())
     if problems:
       raise checkpointing.CheckpointError(
-          f'{checkpointer.directory} holds a checkpoint of a different run ('
-          + '; '.join(problems) + '); use a new --workdir to start over')
+          f'cannot resume from {checkpointer.directory}: '
+          + '; '.join(problems) + '; resume with the saved values, or use a new '
+          '--workdir to start over')
   return checkpointer.restore_newest_valid(experiment.abstract_state())
 
 

@@ -134,8 +134,8 @@ def test_two_processes_train_like_one_process_with_eight_devices(tiny_data_dir, 
     for name in ('loss', 'grad_norm', 'lr'):
       np.testing.assert_allclose(metrics[name], want_metrics[name], rtol=1e-5,
                                  err_msg=f'{name} of process {process}')
-    assert metrics['top1'] == want_metrics['top1']
-    assert metrics['top5'] == want_metrics['top5']
+    assert metrics['instance_top1'] == want_metrics['instance_top1']
+    assert metrics['instance_top5'] == want_metrics['instance_top5']
     assert state.keys() == want_state.keys()
     for key, want in want_state.items():
       message = f'state{key} of process {process}'

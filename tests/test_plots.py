@@ -5,7 +5,7 @@ from moco_jax.evaluation import plots
 
 
 def test_curves_views_and_retrieval_are_written(tmp_path):
-  events = [{'step': s, 'loss': 8 - s / 10, 'top1': s / 100} for s in range(10, 60, 10)]
+  events = [{'step': s, 'loss': 8 - s / 10, 'instance_top1': float(s)} for s in range(10, 60, 10)]
   events += [{'step': 0, 'knn_top1': 30.0}, {'step': 50, 'knn_top1': 41.5}]
   written = plots.plot_curves(events, str(tmp_path))
   assert [p.split('/')[-1] for p in written] == ['loss.png', 'knn.png']

@@ -10,7 +10,6 @@ the linear layer (rerun the command to resume). At the end the backbone is
 checked to be bit-identical to the pretrained checkpoint.
 """
 import os
-import time
 from typing import Any
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
@@ -23,15 +22,17 @@ import ml_collections
 import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
 
 from moco_jax import augment, optim
-from moco_jax.runtime import checkpointing
+from moco_jax.runtime import checkpointing, health, preemption
 from moco_jax.evaluation import knn
-from moco_jax.data import pipeline
+from moco_jax.data import inputs
 from moco_jax.weights import pretrained
 from moco_jax.config.checks import ConfigError, train_section_problems
 from moco_jax.runtime.metric_writer import MetricWriter
 from moco_jax.runtime.mesh import AXIS, make_mesh
+from moco_jax.runtime.progress import StepClock, progress
 from moco_jax.config.normalization import MEAN_STD
 from moco_jax.experiment import steps_per_epoch, total_steps
 
@@ -167,14 +168,14 @@ class LinearEval:
     pre_config = pretrained.load_config(config.pretrained, config.pretrained_step)
     if not config.data.normalization:
       config.data.normalization = pre_config.data.normalization
-    self.info = pipeline.dataset_info(config.data)
+    self.info = inputs.dataset_info(config.data)
     problems = config_problems(config, self.mesh.size, self.info.num_classes)
     if problems:
       raise ConfigError('; '.join(problems))
     self.config, self.pre_config = config, pre_config
     self.epoch_steps = steps_per_epoch(config, self.info)
     if self.epoch_steps == 0:
-      raise pipeline.DatasetError(
+      raise inputs.DatasetError(
           f'train.batch_size={config.train.batch_size} is larger than the '
           f'{self.info.num_examples} training examples of {self.info.name!r}')
     self.total_steps = total_steps(config, self.epoch_steps)
@@ -211,12 +212,14 @@ class LinearEval:
         jax.random.PRNGKey(self.config.seed))
 
   def to_global(self, local):
+    if isinstance(local, jax.Array):   # already on the devices (data.on_device)
+      return local
     return jax.make_array_from_process_local_data(self.batch_sharding, local)
 
   def evaluate(self, eval_step, head_params, backbone_vars, batches) -> dict:
     """{'lincls_top1', 'lincls_top5'}: percent of data.eval_split."""
     totals = {'top1': 0, 'top5': 0, 'count': 0}
-    for batch in batches:
+    for batch in progress(batches, 'lincls eval'):
       counts = jax.device_get(eval_step(
           head_params, backbone_vars, self.to_global(batch['image']),
           self.to_global(batch['label']), self.to_global(batch['mask'])))
@@ -225,60 +228,97 @@ class LinearEval:
             for key in ('top1', 'top5')}
 
 
-def linear_evaluation(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def _restore_or_init(run: LinearEval):
+  if run.checkpointer.latest_step() is None:
+    return run.init_state()
+  abstract = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=run.replicated),
+      jax.eval_shape(run.init_state))
+  return run.checkpointer.restore(abstract)
+
+
+def linear_evaluation(config: ml_collections.ConfigDict, workdir: str, *,
+                      second_interrupt: str = 'raise') -> dict:
   """Trains and evaluates the linear layer; resumes from workdir.
 
+  As pretraining: at most one step in flight (the bar counts completed
+  steps), SIGTERM or Ctrl-C saves the current step and returns {} (rerun to
+  resume), a second Ctrl-C as `preemption.StopRequests(second_interrupt)`.
+
   Returns:
-    The final {'lincls_top1', 'lincls_top5'} (percent).
+    The final {'lincls_top1', 'lincls_top5'} (percent); {} when stopped.
 
   Raises:
     BackboneChangedError if the backbone no longer equals the checkpoint's.
+    health.NonFiniteError if the loss becomes NaN/Inf (nothing saved after).
   """
   run = LinearEval(config, workdir)
   config, checkpointer = run.config, run.checkpointer
   backbone_vars = run.load_backbone()
-  if checkpointer.latest_step() is not None:
-    abstract = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=run.replicated),
-        jax.eval_shape(run.init_state))
-    state = checkpointer.restore(abstract)
-  else:
-    state = run.init_state()
+  state = _restore_or_init(run)
   start_step, last_step = int(state.step), run.total_steps
   is_main = jax.process_index() == 0
+  say = (lambda line: print(line, flush=True)) if is_main else (lambda line: None)
+  if start_step > 0:
+    say(f'lincls: resumed from step {start_step} of {checkpointer.path(start_step)}')
   writer = MetricWriter(workdir, enabled=is_main)
   processes = jax.process_count()
-  batches = pipeline.labelled_batches(
-      config.data, config.train.batch_size // processes, config.seed, start_step)
-  eval_batches = pipeline.eval_batches(
-      config.data, config.data.eval_split, config.eval.batch_size // processes)
+  # From the devices' copy of the splits with data.on_device (inputs.py).
+  batches = inputs.labelled_batches(
+      config.data, config.train.batch_size // processes, config.seed, start_step, run.mesh)
+  eval_batches = inputs.eval_batches(
+      config.data, config.data.eval_split, config.eval.batch_size // processes, run.mesh)
   train_step = make_train_step(run.mesh, run.logits_fn, run.optimizer, run.schedule)
   eval_step = make_eval_step(run.mesh, run.logits_fn)
   eval_every = config.eval.every_epochs * run.epoch_steps
   results = {}
+  bar = tqdm(total=last_step, initial=start_step, disable=not is_main, unit='step',
+             dynamic_ncols=True, desc='lincls')
+  blow_up_watch = health.LossBlowUp(run.info.num_classes)
+  def next_batch():
+    host = next(batches)
+    return run.to_global(host['image']), run.to_global(host['label'])
+
+  stop_line = (f'error: interrupted twice: stopped at once without saving; rerun the '
+               f'same command to resume from the newest checkpoint in {checkpointer.directory}')
   try:
-    window_start, window_steps = time.perf_counter(), 0
-    for step in range(start_step, last_step):
-      batch = next(batches)
-      state, metrics = train_step(state, backbone_vars, run.to_global(batch['image']),
-                                  run.to_global(batch['label']))
-      done, window_steps = step + 1, window_steps + 1
-      if done % config.train.log_every == 0 or done == last_step:
-        scalars = {k: v.item() for k, v in jax.device_get(metrics).items()}
-        elapsed = time.perf_counter() - window_start
-        scalars.update(epoch=done / run.epoch_steps,
-                       images_per_sec=window_steps * config.train.batch_size / elapsed)
-        writer.write(done, scalars)
-        window_start, window_steps = time.perf_counter(), 0
-      if (eval_every and done % eval_every == 0) or done == last_step:
-        results = run.evaluate(eval_step, state.params, backbone_vars, eval_batches)
-        writer.write(done, results)
-        if is_main:
-          print(f'step {done}/{last_step}: top1 {results["lincls_top1"]:.2f} '
-                f'top5 {results["lincls_top5"]:.2f}', flush=True)
-      if done % config.train.checkpoint_every == 0 or done == last_step:
-        checkpointer.save(done, state, config.to_dict())
+    with preemption.StopRequests(second_interrupt, stop_line) as stop:
+      steps = StepClock()
+      batch = next_batch() if start_step < last_step else None
+      for step in range(start_step, last_step):
+        state, metrics = train_step(state, backbone_vars, *batch)
+        done = step + 1
+        if done < last_step:  # read and copy the next batch while the step runs
+          batch = next_batch()
+        metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
+        steps.step_done()
+        bar.update(1)
+        health.check_finite(metrics, done, checkpointer, 'lower optim.base_lr')
+        blow_up = blow_up_watch.update(done, metrics['loss'])
+        if blow_up:
+          bar.write(blow_up)
+        stopping = stop.requested
+        if (done % config.train.log_every == 0 or done == last_step or stopping
+            or steps.first_log_overdue()):
+          rate = steps.images_per_sec(config.train.batch_size)
+          writer.write(done, dict(metrics, epoch=done / run.epoch_steps,
+                                  **({'images_per_sec': rate} if rate else {})))
+          bar.set_postfix(loss=f'{metrics["loss"]:.3f}')
+          steps.new_window()
+        if ((eval_every and done % eval_every == 0) or done == last_step) and not stopping:
+          with steps.paused():
+            results = run.evaluate(eval_step, state.params, backbone_vars, eval_batches)
+          writer.write(done, results)
+          bar.write(f'step {done}/{last_step}: lincls_top1 {results["lincls_top1"]:.2f} '
+                    f'lincls_top5 {results["lincls_top5"]:.2f}')
+        if done % config.train.checkpoint_every == 0 or done == last_step or stopping:
+          checkpointer.save(done, state, config.to_dict())
+        if stopping:
+          bar.write(f'{stop.signal_name}: saved step {done} to {checkpointer.path(done)}; '
+                    f'rerun the same command to continue')
+          return {}
   finally:
+    bar.close()
     checkpointer.wait()
     checkpointer.close()
     writer.close()
@@ -287,9 +327,7 @@ def linear_evaluation(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # As the reference's sanity check: the frozen backbone must equal the
   # checkpoint it was loaded from, tensor by tensor.
   check_backbone_unchanged(backbone_vars, run.load_backbone())
-  if is_main:
-    print(f'lincls: top1 {results["lincls_top1"]:.2f} top5 '
-          f'{results["lincls_top5"]:.2f} after {last_step} steps on '
-          f'{config.pretrained} (step {config.pretrained_step}); backbone unchanged',
-          flush=True)
+  say(f'lincls: top1 {results["lincls_top1"]:.2f} top5 {results["lincls_top5"]:.2f} '
+      f'after {last_step} steps on {config.pretrained} (step {config.pretrained_step}); '
+      f'backbone unchanged')
   return results

@@ -28,9 +28,9 @@ def plot_curves(events: list[dict], workdir: str) -> list[str]:
     ax.plot([e['step'] for e in train], [e['loss'] for e in train], label='loss')
     ax.set_xlabel('step')
     ax.set_ylabel('InfoNCE loss')
-    if 'top1' in train[0]:
+    if 'instance_top1' in train[0]:
       acc = ax.twinx()
-      acc.plot([e['step'] for e in train], [100 * e['top1'] for e in train],
+      acc.plot([e['step'] for e in train], [e['instance_top1'] for e in train],
                color='tab:orange', alpha=0.6, label='top-1 (positive key)')
       acc.set_ylabel('instance discrimination top-1 (%)')
       lines = ax.get_lines() + acc.get_lines()
@@ -101,11 +101,14 @@ def plot_views(view_q, view_k, path: str) -> str:
   return _save(fig, path)
 
 
-def _features_and_images(features_fn, params, batch_stats, batches, limit: int):
+def _features_and_images(features_fn, params, batch_stats, batches, limit: int,
+                         desc: str = 'features'):
   """(features (N, F), uint8 images, labels) of up to `limit` examples."""
+  from moco_jax.runtime.progress import progress
   features, images, labels = [], [], []
   count = 0
-  for batch in batches:
+  total = min(len(batches), -(-limit // batches.local_batch))
+  for batch in progress(batches, desc, total=total):
     keep = batch['mask']
     features.append(np.asarray(features_fn(params, batch_stats, batch['image']))[keep])
     images.append(batch['image'][keep])
@@ -134,7 +137,8 @@ def retrieval(config, params, batch_stats, num_queries: int, bank_size: int,
   batch = min(config.eval.batch_size, 256)
   bank = _features_and_images(
       features_fn, params, batch_stats,
-      pipeline.eval_batches(config.data, config.data.train_split, batch), bank_size)
+      pipeline.eval_batches(config.data, config.data.train_split, batch), bank_size,
+      'retrieval bank')
   query = _features_and_images(
       features_fn, params, batch_stats,
       pipeline.eval_batches(config.data, config.data.eval_split, num_queries),

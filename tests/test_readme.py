@@ -1,0 +1,151 @@
+"""Every ```bash and ```python block of README.md runs, in order, with paths
+adapted: `runs/` goes to a temporary folder, `../shared/tfds` to the tests'
+tiny dataset, and each training command gets smoke-sized overrides appended
+(the tiny dataset, 16×16 images, batch 16, a few steps). The adapted text of
+each block is printed. SKIPPED lists the blocks that cannot run here, with
+the reason; the test prints it.
+"""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, TINY_DATASET
+
+README = os.path.join(REPO, 'README.md')
+
+# (text in the block, why it cannot run here)
+SKIPPED = [
+    ('.venv-torch', 'creates a second environment and downloads torch'),
+    ('gcloud compute tpus', 'needs a Cloud TPU pod slice'),
+    ('--coordinator_address=10.0.0.1', 'needs two GPU hosts (tests/test_multihost.py runs '
+     'the same flags with two local processes)'),
+    ('srun ', 'needs a SLURM cluster'),
+    ('moco_v2_800ep_pretrain.pth.tar', "needs torch and the reference's 800-epoch checkpoint"),
+]
+# Lines left out of a block whose other lines run.
+SKIPPED_LINES = [('python -m pytest -q -n auto', 'the test suite itself')]
+NEEDS_TORCH = 'import torch'
+
+SMOKE = [f'--config.data.dataset={TINY_DATASET}', '--config.data.image_size=16',
+         '--config.train.batch_size=16', '--config.eval.batch_size=16']
+MAIN_SMOKE = SMOKE + ['--config.moco.queue_size=64', '--config.train.num_steps=4',
+                      '--config.eval.knn_k=10', '--config.model.width_multiplier=0.125']
+LINCLS_SMOKE = SMOKE + ['--config.train.num_steps=2', '--config.train.log_every=1']
+PYTHON_SMOKE = (f"config.data.dataset = '{TINY_DATASET}'; config.data.image_size = 16; "
+                'config.train.batch_size = 16; config.moco.queue_size = 64; '
+                'config.eval.batch_size = 16; config.eval.knn_k = 10; '
+                'config.train.num_steps = 2')
+
+
+def blocks():
+  """(language, code) of each ```bash / ```python block, in order."""
+  with open(README) as f:
+    text = f.read()
+  return re.findall(r'^```(bash|python)\n(.*?)^```', text, flags=re.MULTILINE | re.DOTALL)
+
+
+def skipped_line(line):
+  """The reason a bash line is left out, or None."""
+  for marker, why in SKIPPED_LINES:
+    if marker in line:
+      return why
+  return None
+
+
+def skip_reason(language, code):
+  for marker, why in SKIPPED:
+    if marker in code:
+      return why
+  if language == 'bash' and all(skipped_line(line) for line in code.splitlines()):
+    return skipped_line(code)
+  if NEEDS_TORCH in code:
+    try:
+      import torch  # noqa: F401
+    except ImportError:
+      return 'needs torch (not installed here; tests/test_torch_interop.py covers it)'
+  return None
+
+
+def adapt_paths(code, tmp, data_dir):
+  code = code.replace('../shared/tfds', data_dir)
+  return re.sub(r"(?<![\w/.])runs/", f'{tmp}/runs/', code)
+
+
+def adapt_bash(code, tmp, data_dir):
+  code = code.replace('pip install -r requirements.txt -e . && ', '')  # installed already
+  code = adapt_paths(code.replace('\\\n', ' '), tmp, data_dir)
+  lines = []
+  for line in code.splitlines():
+    if skipped_line(line):
+      print(f'not run: {line} ({skipped_line(line)})')
+      continue
+    command, _, _ = line.partition('  #')
+    command = re.sub(r'--output=(?!/)', f'--output={tmp}/', command)
+    if re.search(r'moco_jax\.main .*--workdir', command):
+      command += ' ' + ' '.join(MAIN_SMOKE)
+    elif 'moco_jax.lincls' in command:
+      command += ' ' + ' '.join(LINCLS_SMOKE)
+    elif 'moco_jax.plots' in command:
+      command += ' --bank_size=64'
+    lines.append(command)
+  return 'set -e\n' + '\n'.join(lines)
+
+
+def adapt_python(code, tmp, data_dir):
+  code = adapt_paths(code, tmp, data_dir)
+  return re.sub(r'^(.*train_and_evaluate\(config)', PYTHON_SMOKE + r'\n\1', code,
+                flags=re.MULTILINE)
+
+
+def test_the_skip_list_is_short_and_matches_blocks():
+  found = [code for _, code in blocks()]
+  print('README blocks not run here:')
+  for marker, why in SKIPPED + SKIPPED_LINES:
+    print(f'  {marker!r}: {why}')
+    assert any(marker in code for code in found), f'{marker!r} is in no README block'
+  assert len(SKIPPED) <= len(found) // 2
+
+
+@pytest.fixture(scope='module')
+def workspace(tiny_data_dir, tmp_path_factory):
+  return str(tmp_path_factory.mktemp('readme')), tiny_data_dir
+
+
+@pytest.mark.parametrize('index', range(len(blocks())),
+                         ids=[f'{i}-{c.strip().splitlines()[0][:50]}'
+                              for i, (_, c) in enumerate(blocks())])
+def test_readme_block_runs(workspace, index):
+  tmp, data_dir = workspace
+  language, code = blocks()[index]
+  why = skip_reason(language, code)
+  if why:
+    print(f'skipped: {why}')
+    pytest.skip(why)
+  if language == 'bash':
+    adapted = adapt_bash(code, tmp, data_dir)
+    command = ['bash', '-c', adapted]
+  else:
+    adapted = adapt_python(code, tmp, data_dir)
+    command = [sys.executable, '-c', adapted]
+  print(adapted)
+  env = {k: v for k, v in os.environ.items() if not k.startswith('XLA_FLAGS')}
+  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+
+
+def test_tensorboard_reads_the_runs_events(workspace):
+  """The README's `tensorboard --logdir`: installed by requirements.txt and
+  able to read the tensorboardX events the first block's run wrote."""
+  tmp, _ = workspace
+  logdir = os.path.join(tmp, 'runs', 'quickstart')
+  if not os.path.isdir(logdir):
+    pytest.skip('the first README block did not run')
+  result = subprocess.run([sys.executable, '-m', 'tensorboard.main', '--inspect',
+                           f'--logdir={logdir}'], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'loss' in result.stdout and 'instance_top1' in result.stdout, result.stdout[-2000:]
