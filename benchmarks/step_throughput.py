@@ -21,6 +21,13 @@ and writes it to --json.
   python benchmarks/step_throughput.py --config=configs/smoke.py --sweep=queue
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \
       python benchmarks/step_throughput.py --config=configs/smoke.py --sweep=devices
+  python benchmarks/step_throughput.py --config=configs/moco_v3_cpu.py --sweep=v2
+
+MoCo v3 configs (moco.queue_size=0) time the same step with its v3 options.
+--sweep=v2 on a v3 config adds, round-robin in the same process, the v2 step
+on the same backbone (equal backbone FLOPs): v2's MLP head, a 4096-key
+queue, constant momentum, asymmetric and symmetric loss; each entry's
+v3_ratio is the v3 step's median over its own.
 """
 import functools
 import statistics
@@ -37,7 +44,7 @@ from ml_collections import config_flags
 
 from moco_jax import augment, optim, train_step
 from moco_jax.config.checks import check_config
-from moco_jax.models import build_encoder
+from moco_jax.models import build_encoder, frozen_params, is_vit
 from moco_jax.state import create_state
 from moco_jax.runtime.mesh import AXIS, make_mesh
 from moco_jax.config.normalization import MEAN_STD
@@ -50,7 +57,7 @@ config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
 flags.DEFINE_string('json', None, 'Also write the JSON result to this file.')
 flags.DEFINE_integer('steps', 10, 'Timed steps per variant (median reported).')
 flags.DEFINE_integer('warmup', 2, 'Untimed steps per variant after compiling.')
-flags.DEFINE_enum('sweep', 'none', ['none', 'queue', 'bn_groups', 'devices'],
+flags.DEFINE_enum('sweep', 'none', ['none', 'queue', 'bn_groups', 'devices', 'v2'],
                   'Extra measurements in the same process, listed under "sweep".')
 flags.DEFINE_integer('num_classes', 1000, 'Classes of the supervised baseline.')
 flags.mark_flags_as_required(['config'])
@@ -161,14 +168,15 @@ class Bench:
 def build_moco(config, mesh):
   """Bench of the MoCo train step for `config` on `mesh`."""
   c = config
-  if c.moco.bn_groups % mesh.size:
+  if c.moco.bn_groups % mesh.size and not is_vit(c.model.arch):
     raise SystemExit(f'error: moco.bn_groups={c.moco.bn_groups} is not a multiple '
                      f'of the {mesh.size} devices')
-  groups = c.moco.bn_groups // mesh.size   # per device
-  encoder = build_encoder(c.model, groups, DTYPES[c.dtype], c.model.conv_impl)
+  groups = max(c.moco.bn_groups // mesh.size, 1)   # per device
+  encoder = build_encoder(c.model, groups, DTYPES[c.dtype], c.model.conv_impl,
+                          image_size=c.data.image_size, axis_name=AXIS)
   schedule = optim.learning_rate_schedule(c.optim, c.train.batch_size,
                                           STEPS_PER_EPOCH, TOTAL_STEPS)
-  optimizer = optim.build_optimizer(c.optim, schedule)
+  optimizer = optim.build_optimizer(c.optim, schedule, frozen_params(c.model))
   replicated = NamedSharding(mesh, P())
   init = functools.partial(
       create_state, encoder, optimizer, image_size=c.data.image_size,
@@ -178,7 +186,8 @@ def build_moco(config, mesh):
   step = train_step.make_train_step(
       mesh, encoder=encoder, optimizer=optimizer, schedule=schedule,
       moco_config=c.moco, augment_config=dict(recipe=c.data.augment,
-                                              mean=mean, std=std))
+                                              mean=mean, std=std),
+      total_steps=TOTAL_STEPS)
   images_q, images_k = synthetic_images(c, mesh, 2)
   return Bench(step, state, images_q, images_k), (encoder, optimizer)
 
@@ -190,11 +199,11 @@ def build_supervised(config, mesh, encoder, optimizer):
   replicated = NamedSharding(mesh, P())
 
   def init(rng):
-    dummy = jnp.zeros((encoder.backbone.bn_groups, c.data.image_size,
+    dummy = jnp.zeros((getattr(encoder.backbone, 'bn_groups', 1), c.data.image_size,
                        c.data.image_size, 3))
     variables = model.init(rng, dummy, train=True)
     return dict(params=variables['params'],
-                batch_stats=variables['batch_stats'],
+                batch_stats=variables.get('batch_stats', {}),  # a ViT has none
                 opt_state=optimizer.init(variables['params']))
 
   state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(c.seed))
@@ -292,7 +301,42 @@ def sweep(config, kind):
     # Same global batch and BN groups (moco.bn_groups counts the global
     # batch's), so both compute the same function (shuffle BN on one device).
     return [measure(config, make_mesh(jax.devices()[:1])), measure(config, mesh)]
+  if kind == 'v2':
+    return v2_beside_v3(config, mesh)
   return []
+
+
+def v2_variants(config):
+  """{name: config}: the v3 `config` and the v2 step on the same backbone."""
+  batch = config.train.batch_size
+  queue = max(4096 // (2 * batch), 1) * 2 * batch
+  v2 = override(config, **{'model.head': 'mlp', 'model.head_hidden_dim': 0,
+                           'model.dim': 128, 'model.predictor': False,
+                           'moco.queue_size': queue,
+                           'moco.momentum_schedule': 'constant',
+                           'moco.symmetric': False})
+  return {'v3': config, 'v2': v2,
+          'v2_symmetric': override(v2, **{'moco.symmetric': True})}
+
+
+def v2_beside_v3(config, mesh):
+  """Median step times of v3 and v2 on the same backbone, round-robin."""
+  if config.moco.queue_size != 0:
+    raise SystemExit('error: --sweep=v2 needs a MoCo v3 config (moco.queue_size=0)')
+  variants = v2_variants(config)
+  benches = {}
+  for name, c in variants.items():
+    check_config(c, mesh.size)
+    benches[name] = build_moco(c, mesh)[0]
+  time_round_robin(list(benches.values()))
+  v3_ms = benches['v3'].median_ms
+  return [dict(variant=name, head=variants[name].model.head,
+               queue_size=variants[name].moco.queue_size,
+               symmetric=bool(variants[name].moco.symmetric),
+               moco_step_ms=bench.median_ms,
+               moco_step_ms_all=[round(1e3 * t, 2) for t in bench.times],
+               v3_ratio=v3_ms / bench.median_ms)
+          for name, bench in benches.items()]
 
 
 def main(argv):

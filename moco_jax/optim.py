@@ -1,5 +1,8 @@
 """Optimisers and learning-rate schedules (optax), lr given per 256 images."""
+from typing import Any, NamedTuple
+
 import jax
+import jax.numpy as jnp
 import optax
 
 OPTIMIZERS = ('sgd', 'lars', 'adamw')
@@ -40,19 +43,91 @@ def learning_rate_schedule(optim_config, global_batch: int,
   return optax.join_schedules([warmup, main], [warmup_steps])
 
 
-def build_optimizer(optim_config, schedule) -> optax.GradientTransformation:
+class LarsState(NamedTuple):
+  """Momentum buffer `mu` of reference_lars, one per parameter."""
+  mu: Any
+
+
+def reference_lars(learning_rate, weight_decay: float = 0.0,
+                   momentum: float = 0.9, trust_coefficient: float = 0.001
+                   ) -> optax.GradientTransformation:
+  """LARS as MoCo v3's optimizer.py computes it (arXiv:2104.02057).
+
+  Per parameter w with gradient g, at learning rate lr_t (schedule of the
+  step count):
+    matrices (ndim > 1): d = g + wd·w, d ← d·η‖w‖/‖d‖ (1 when either norm
+      is 0); biases and BN/LayerNorm params (1-D): d = g, no decay, no
+      trust ratio;
+    mu ← momentum·mu + d;  w ← w − lr_t·mu.
+  The lr multiplies the momentum buffer AFTER accumulation. optax.lars scales
+  by the lr before the momentum, which gives other updates whenever the lr
+  changes (warm-up, cosine).
+
+  Args:
+    learning_rate: float or schedule step -> lr.
+    weight_decay, momentum, trust_coefficient (η): the reference's defaults
+      are 0, 0.9, 0.001.
+  """
+  schedule = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
+
+  def init(params):
+    return (LarsState(mu=jax.tree.map(jnp.zeros_like, params)),
+            optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32)))
+
+  def direction(g, w):
+    if w.ndim <= 1:
+      return g
+    d = g + weight_decay * w
+    w_norm, d_norm = jnp.linalg.norm(w), jnp.linalg.norm(d)
+    trust = jnp.where((w_norm > 0) & (d_norm > 0),
+                      trust_coefficient * w_norm / jnp.where(d_norm > 0, d_norm, 1),
+                      1.0)
+    return d * trust
+
+  def update(grads, state, params):
+    lars_state, count_state = state
+    mu = jax.tree.map(lambda m, g, w: momentum * m + direction(g, w),
+                      lars_state.mu, grads, params)
+    lr = schedule(count_state.count)
+    updates = jax.tree.map(lambda m: -lr * m, mu)
+    count = optax.safe_increment(count_state.count)
+    return updates, (LarsState(mu=mu), optax.ScaleByScheduleState(count=count))
+
+  return optax.GradientTransformation(init, update)
+
+
+def frozen_mask(params, frozen: tuple):
+  """Tree of labels 'frozen' / 'train' over `params`: a leaf is frozen when
+  its path starts with one of `frozen`'s key tuples."""
+  def label(path, _):
+    keys = tuple(getattr(k, 'key', getattr(k, 'name', None)) for k in path)
+    return 'frozen' if any(keys[:len(f)] == tuple(f) for f in frozen) else 'train'
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def build_optimizer(optim_config, schedule, frozen: tuple = ()
+                    ) -> optax.GradientTransformation:
   """'sgd': PyTorch-style SGD (weight decay added to the gradient before
-  momentum, on all params, as the reference); 'lars'; 'adamw'."""
+  momentum, on all params, as the reference); 'lars': reference_lars (MoCo
+  v3's); 'adamw': optax.adamw (torch's AdamW: decoupled decay on all params).
+
+  frozen: param paths (key tuples, e.g. (('backbone', 'patch_embed'),)) that
+  get neither updates nor weight decay, as the reference's optimiser skips
+  params without gradients (MoCo v3's stop_grad_conv1). Empty: the plain
+  optimiser (its state layout unchanged).
+  """
   name, wd = optim_config.name, optim_config.weight_decay
   if name == 'sgd':
-    return optax.chain(optax.add_decayed_weights(wd),
-                       optax.sgd(schedule, momentum=optim_config.momentum))
-  if name == 'lars':
-    # As usual for LARS, BN parameters and biases (1-D) get neither weight
-    # decay nor trust-ratio scaling.
-    is_matrix = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-    return optax.lars(schedule, weight_decay=wd, momentum=optim_config.momentum,
-                      weight_decay_mask=is_matrix, trust_ratio_mask=is_matrix)
-  if name == 'adamw':
-    return optax.adamw(schedule, weight_decay=wd)
-  raise ValueError(f'unknown optim.name {name!r}; valid: {", ".join(OPTIMIZERS)}')
+    optimizer = optax.chain(optax.add_decayed_weights(wd),
+                            optax.sgd(schedule, momentum=optim_config.momentum))
+  elif name == 'lars':
+    optimizer = reference_lars(schedule, weight_decay=wd,
+                               momentum=optim_config.momentum)
+  elif name == 'adamw':
+    optimizer = optax.adamw(schedule, weight_decay=wd)
+  else:
+    raise ValueError(f'unknown optim.name {name!r}; valid: {", ".join(OPTIMIZERS)}')
+  if not frozen:
+    return optimizer
+  return optax.multi_transform({'train': optimizer, 'frozen': optax.set_to_zero()},
+                               lambda params: frozen_mask(params, frozen))

@@ -29,7 +29,8 @@ import numpy as np
 from moco_jax import optim
 from moco_jax.runtime import checkpointing
 from moco_jax.weights import convert, portable, timm
-from moco_jax.models import build_encoder, frozen_params, is_vit, resnet, vit
+from moco_jax.models import build_encoder, frozen_params, is_vit, resnet
+from moco_jax.models.vit import vit
 from moco_jax.state import create_state
 from moco_jax.config.normalization import MEAN_STD
 

@@ -9,6 +9,13 @@ Accepted files:
   .npz                   torchvision names, as `moco_jax.export` writes them.
   .pkl                   Detectron2 names (`{"model": {...}}`), as exported.
   .msgpack               our Flax export (`moco_jax.export --format=flax`).
+MoCo v3 (ViT or ResNet models, or any ViT template):
+  .pth / .pth.tar        the official moco-v3 checkpoint (`module.base_encoder.*`,
+                         `module.momentum_encoder.*`, `module.predictor.*`):
+                         f_q's backbone, projector and predictor are read; the
+                         momentum encoder is ignored (f_k starts as f_q).
+  .pth / .npz            a timm ViT state_dict (our --format=timm export, or
+                         timm's own; a classifier `head.weight/bias` is ignored).
 Every file must hold the whole backbone; a projection head is optional (the
 template's is kept when the file has none), but one that is there must fit.
 """
@@ -19,8 +26,10 @@ import jax
 import numpy as np
 from absl import logging
 
+from moco_jax import moco
 from moco_jax.weights import convert
 from moco_jax.weights import export
+from moco_jax.weights import timm
 
 
 class TorchMissingError(convert.WeightsError, ImportError):
@@ -136,6 +145,8 @@ def load_weights(path: str, template) -> dict:
     TorchMissingError (an ImportError): a torch file and no torch installed.
   """
   flat, naming = read_weights_file(path)
+  if _is_v3_input(flat, template):
+    return load_v3_weights(flat, template, path)
   backbone_flat, head_flat, ignored = split_state_dict(flat, naming)
   is_encoder = 'backbone' in template['params']
   backbone_template = ({'params': template['params']['backbone'],
@@ -176,6 +187,83 @@ def load_weights(path: str, template) -> dict:
           'batch_stats': {'backbone': backbone['batch_stats']}}
 
 
+def _is_v3_input(flat: dict, template) -> bool:
+  """An official MoCo v3 checkpoint, or any weights for a ViT template."""
+  params = template['params']
+  backbone = params.get('backbone', params)
+  return (any(k.removeprefix('module.').startswith('base_encoder.') for k in flat)
+          or 'cls_token' in backbone)
+
+
+def _part(template, name):
+  """{'params', 'batch_stats'} of the encoder's sub-module `name`."""
+  return {'params': template['params'][name],
+          'batch_stats': template.get('batch_stats', {}).get(name, {})}
+
+
+def load_v3_weights(flat: dict, template, path: str = 'weights') -> dict:
+  """An official MoCo v3 checkpoint or a timm ViT state_dict as variables
+  shaped like `template` (an Encoder's, or a backbone's alone).
+
+  The backbone must be complete; the projector and predictor are read when
+  both the file and the template have them (a head of another kind is an
+  error), else the template's are kept with a warning.
+
+  Raises:
+    convert.WeightsMismatchError: one line naming the keys that do not fit.
+  """
+  v3 = any(k.removeprefix('module.').startswith('base_encoder.') for k in flat)
+  try:
+    parts = (timm.from_moco_v3_checkpoint(flat) if v3 else
+             {'backbone': {k.removeprefix('module.'): v for k, v in flat.items()
+                           if not k.removeprefix('module.').startswith('head.')},
+              'projector': {}, 'predictor': {}})
+  except ValueError as error:
+    raise convert.WeightsMismatchError(f'{path}: {error}') from None
+  is_encoder = 'backbone' in template['params']
+  backbone_template = _part(template, 'backbone') if is_encoder else template
+  problems, out = [], {'params': {}, 'batch_stats': {}}
+
+  def read(name, fn):
+    try:
+      return fn()
+    except (ValueError, convert.WeightsMismatchError) as error:
+      problems.append(str(error))
+      return None
+
+  if 'cls_token' in backbone_template['params']:
+    backbone = read('backbone', lambda: timm.from_timm(
+        parts['backbone'], backbone_template, what=f'ViT weights in {path}'))
+  else:
+    backbone = read('backbone', lambda: convert.from_torchvision(
+        parts['backbone'], backbone_template, 'torchvision',
+        what=f'ResNet weights in {path}'))
+  if not is_encoder:
+    if problems:
+      raise convert.WeightsMismatchError(' / '.join(problems))
+    return {'params': backbone['params'],
+            'batch_stats': backbone.get('batch_stats', {})}
+  loaded = {'backbone': backbone}
+  for name, part in (('head', 'projector'), ('predictor', 'predictor')):
+    if name not in template['params']:
+      if parts[part]:
+        logging.warning('%s: ignoring its %s (this model has none)', path, part)
+      continue
+    if not parts[part]:
+      logging.warning('%s has no %s: keeping the model\'s initial one', path, part)
+      loaded[name] = jax.tree.map(np.asarray, _part(template, name))
+      continue
+    loaded[name] = read(name, lambda: timm.from_state_dict(
+        parts[part], _part(template, name), what=f'{part} in {path}'))
+  if problems:
+    raise convert.WeightsMismatchError(' / '.join(problems))
+  for name, variables in loaded.items():
+    out['params'][name] = variables['params']
+    if variables.get('batch_stats'):
+      out['batch_stats'][name] = variables['batch_stats']
+  return out
+
+
 def load_torch_weights(path: str, template) -> dict:
   """load_weights for a .pth/.pth.tar (reference MoCo or torchvision) file."""
   return load_weights(path, template)
@@ -198,9 +286,11 @@ def init_state_from(state, variables):
 
   params = jax.tree.map(place, variables['params'], state.params)
   batch_stats = jax.tree.map(place, variables['batch_stats'], state.batch_stats)
-  target_params = jax.tree.map(place, variables['params'], state.target_params)
-  target_batch_stats = jax.tree.map(place, variables['batch_stats'],
-                                    state.target_batch_stats)
+  # f_k has no predictor (MoCo v3): it starts as f_q's other parts.
+  target_params = jax.tree.map(place, moco.key_encoder_part(variables['params']),
+                               state.target_params)
+  target_batch_stats = jax.tree.map(
+      place, moco.key_encoder_part(variables['batch_stats']), state.target_batch_stats)
   return state.replace(params=params, batch_stats=batch_stats,
                        target_params=target_params,
                        target_batch_stats=target_batch_stats)
