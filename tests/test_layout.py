@@ -5,9 +5,8 @@ Layers, top to bottom (a module may import its own layer or lower ones):
                pretraining loop)
   3 evaluation evaluation/, weights/
   2 core       the algorithm (state, moco, train_step, augment, augment_crop,
-               optim), data/,
-               experiment, config/checks (it validates against the
-               algorithm's registries)
+               optim), data/, experiment, config/checks (it validates
+               against the algorithm's registries)
   1 base       models/, config/, runtime/
 Besides: nothing but main imports the pretraining loop (train); the
 algorithm files and models/ import neither TensorFlow, tfds nor data/.
@@ -22,12 +21,14 @@ CLI, EVALUATION, CORE, BASE = 4, 3, 2, 1
 TOP_LEVEL = {
     'main': CLI, 'train': CLI, 'knn': CLI, 'lincls': CLI, 'export': CLI, 'plots': CLI,
     'state': CORE, 'moco': CORE, 'train_step': CORE, 'augment': CORE,
-    'augment_crop': CORE, 'optim': CORE, 'experiment': CORE,
+    'augment_crop': CORE, 'augment_resize': CORE, 'device_step': CORE, 'optim': CORE,
+    'experiment': CORE,
 }
 PACKAGES = {'evaluation': EVALUATION, 'weights': EVALUATION, 'data': CORE,
             'models': BASE, 'config': BASE, 'runtime': BASE}
 EXCEPTIONS = {'config.checks': CORE}
-ALGORITHM = ('state', 'moco', 'train_step', 'augment', 'augment_crop', 'optim', 'models')
+ALGORITHM = ('state', 'moco', 'train_step', 'augment', 'augment_crop', 'augment_resize',
+             'device_step', 'optim', 'models')
 FORBIDDEN_IN_ALGORITHM = ('tensorflow', 'tensorflow_datasets', 'moco_jax.data')
 
 

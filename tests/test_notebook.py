@@ -72,6 +72,12 @@ def test_quickstart_runs_in_quick_mode(tmp_path):
   config = pretrained.load_config(workdir)
   assert config.moco.bn_groups == 8 and config.train.batch_size == 64
   assert config.eval.knn_features == 'head'
+  # CIFAR-10 trained and was evaluated from the device (data.on_device='auto').
+  assert config.data.on_device == 'auto'
+  (pretrain_cell,) = [cell for cell in notebook.cells
+                      if 'moco_jax.train_and_evaluate(config' in cell.source]
+  printed = ''.join(output.get('text', '') for output in pretrain_cell.outputs)
+  assert ', on device)' in printed, printed[-2000:]
   for name in ('views.png', 'loss.png', 'knn.png', 'retrieval.png'):
     assert os.path.getsize(os.path.join(workdir, name)) > 1000, name
 

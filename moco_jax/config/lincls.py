@@ -26,9 +26,11 @@ def lincls_base_config() -> ml_collections.ConfigDict:
   c.data.image_size = 224
   c.data.crop_scale = (0.08, 1.0)  # RandomResizedCrop's default
   c.data.normalization = ''        # '' = the pretraining's mean/std
-  c.data.shuffle_buffer = 50_000
   c.data.cache = False
   c.data.fused_jpeg_crop = False   # decode_and_crop_jpeg: no faster here (BENCHMARKS.md)
+  # True/'auto': the split on the devices (config/base.py); bool or str.
+  c.data.on_device = ml_collections.FieldReference(False, field_type=object)
+  c.data.on_device_max_fraction = 0.25
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = 'sgd'

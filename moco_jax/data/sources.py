@@ -2,8 +2,9 @@
 
 `data.dataset` is either a TFDS name (`cifar10`, `imagenet2012`, ...) read
 from `data.data_dir`, or `folder:/path`: one subfolder per class holding
-images TensorFlow can decode (JPEG, PNG, GIF, BMP), labels numbered by sorted
-class-folder name. A folder's splits are its subfolders named like the split
+images tf.io.decode_image reads (JPEG, PNG, GIF, BMP, WebP; the extension in
+any case; file names in any byte encoding), labels numbered by sorted
+class-folder name. Other files are ignored, counted in one start-up note. A folder's splits are its subfolders named like the split
 (`/path/train`, `/path/val`); when `/path/<train_split>` does not exist the
 folder itself is the training split.
 
@@ -13,30 +14,28 @@ dataset of small records plus `load`, which turns a record into
 pipeline shuffle cheap records (file paths) and read a file only when an
 example is used.
 """
+import collections
 import dataclasses
 import functools
 import os
 from typing import Callable
 
 import jax
-import tensorflow as tf
-import tensorflow_datasets as tfds
+
+# TensorFlow logs every image it fails to decode (C++ warnings such as "Local
+# rendezvous is aborting ... Unknown image file format"); unreadable files are
+# reported once each by the pipeline instead. Only effective when TensorFlow
+# is not imported yet; the CLIs set it too.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+import tensorflow as tf  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
+
+from moco_jax.data.info import DatasetError, DatasetInfo  # noqa: E402,F401 (re-exported)
 
 FOLDER_PREFIX = 'folder:'
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.bmp')
-
-
-class DatasetError(ValueError):
-  """The configured dataset cannot be read (bad name, missing data_dir, …)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  name: str
-  data_dir: str | None
-  num_examples: int   # in the described split, all processes together
-  num_classes: int
-  class_names: tuple[str, ...]
+# What tf.io.decode_image reads, compared case-insensitively.
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.bmp', '.webp')
+_IMAGE_EXTENSIONS_BYTES = tuple(ext.encode() for ext in IMAGE_EXTENSIONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,11 +46,15 @@ class ProcessSplit:
   load: record -> {'image': scalar tf.string (encoded), 'label': int64}.
   num_examples: records in `records` (this process).
   split_examples: examples in the whole split (all processes).
+  record_bytes: about how many bytes this process's loaded records (encoded
+    images) take; None where records are small and `load` reads the image
+    (folders).
   """
   records: tf.data.Dataset
   load: Callable[[dict], dict]
   num_examples: int
   split_examples: int
+  record_bytes: int | None = None
 
 
 def is_folder(dataset: str) -> bool:
@@ -84,27 +87,39 @@ def dataset_info(data_config, split: str | None = None) -> DatasetInfo:
                      class_names=tuple(getattr(label, 'names', None) or ()))
 
 
-def process_split(data_config, split: str, drop_remainder: bool) -> ProcessSplit:
+def process_split(data_config, split: str, drop_remainder: bool,
+                  file_shuffle_seed: int | None = None) -> ProcessSplit:
   """This process's disjoint part of `split`.
 
   With drop_remainder every process gets the same number of examples (the
   last few of the split are unused); without it all examples are covered.
+  file_shuffle_seed: TFDS only; read the part's files in an order keyed by
+  this seed (records inside a file keep their order). Default: fixed order.
   """
   if is_folder(data_config.dataset):
     return _folder_process_split(data_config, split, drop_remainder)
-  split_examples = _tfds_split_size(_tfds_builder(data_config), data_config, split)
+  builder = _tfds_builder(data_config)
+  split_examples = _tfds_split_size(builder, data_config, split)
+  shuffle = {} if file_shuffle_seed is None else dict(
+      read_config=tfds.ReadConfig(shuffle_seed=file_shuffle_seed, try_autocache=False))
   records = tfds.load(
       data_config.dataset, data_dir=_data_dir(data_config),
       split=tfds.split_for_jax_process(split, drop_remainder=drop_remainder),
-      decoders={'image': tfds.decode.SkipDecoding()}, shuffle_files=False)
+      decoders={'image': tfds.decode.SkipDecoding()},
+      shuffle_files=file_shuffle_seed is not None, **shuffle)
 
   def load(example):
     label = example['label'] if 'label' in example else tf.constant(-1, tf.int64)
     return {'image': example['image'], 'label': tf.cast(label, tf.int64)}
 
-  return ProcessSplit(records=records, load=load,
-                      num_examples=int(records.cardinality()),
-                      split_examples=split_examples)
+  num_examples = int(records.cardinality())
+  # Per example, averaged over the prepared splits (a slice has no size).
+  splits = builder.info.splits.values()
+  bytes_per_example = (sum(s.num_bytes for s in splits)
+                       / max(1, sum(s.num_examples for s in splits)))
+  return ProcessSplit(records=records, load=load, num_examples=num_examples,
+                      split_examples=split_examples,
+                      record_bytes=int(num_examples * bytes_per_example))
 
 
 # ----------------------------------------------------------------------------
@@ -117,11 +132,23 @@ def _tfds_builder(data_config):
     raise DatasetError(f'data.data_dir {data_dir!r} does not exist')
   try:
     return tfds.builder(name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError:
+  except Exception as error:  # tfds raises ValueError, AssertionError, … for bad names
+    reason = ('' if isinstance(error, tfds.core.registered.DatasetNotFoundError)
+              else f' ({str(error).splitlines()[0][:200]})')
     raise DatasetError(
-        f'unknown data.dataset {name!r}: neither a TFDS dataset name (e.g. '
-        f'cifar10, imagenet2012) found in {data_dir or "TFDS data_dir"} nor '
-        f'{FOLDER_PREFIX}/path/to/images') from None
+        f'unknown data.dataset {name!r}{reason}: neither a TFDS dataset name '
+        f'(e.g. cifar10, imagenet2012{_close_tfds_names(name)}) found in '
+        f'{data_dir or "TFDS data_dir"} nor {FOLDER_PREFIX}/path/to/images') from None
+
+
+def _close_tfds_names(name: str) -> str:
+  """', or did you mean X' for a misspelt TFDS name ('cifar-10', 'CIFAR10')."""
+  import difflib
+  wanted = name.strip().lower().replace('-', '').replace('_', '')
+  names = {n.replace('_', ''): n for n in tfds.list_builders(with_community_datasets=False)}
+  base = name.split(':')[0].split('/')[0]
+  close = difflib.get_close_matches(wanted.split(':')[0].split('/')[0], list(names), n=1)
+  return f'; did you mean {names[close[0]]}?' if close and names[close[0]] != base else ''
 
 
 def _tfds_split_size(builder, data_config, split: str) -> int:
@@ -143,7 +170,7 @@ def _tfds_split_size(builder, data_config, split: str) -> int:
 class _FolderListing:
   directory: str
   class_names: tuple[str, ...]   # of the training split: the label vocabulary
-  paths: tuple[str, ...]         # sorted by class, then by path
+  paths: tuple[bytes, ...]       # sorted by class, then by path
   labels: tuple[int, ...]
 
 
@@ -188,35 +215,64 @@ def _folder_split(data_config, split: str) -> _FolderListing:
                         paths=tuple(paths), labels=tuple(labels))
 
 
+def _is_image(name: bytes) -> bool:
+  return name.lower().endswith(_IMAGE_EXTENSIONS_BYTES) and not name.startswith(b'.')
+
+
+def _ignored_kind(name: bytes) -> str:
+  """How a skipped file is counted: 'hidden' or its lower-case extension."""
+  if name.startswith(b'.'):
+    return 'hidden'
+  extension = os.path.splitext(name)[1].lower()
+  return os.fsdecode(extension) if extension else 'no extension'
+
+
+def ignored_files_note(directory: str, ignored: collections.Counter) -> str:
+  """One line counting the files of a folder dataset that are not images."""
+  kinds = ', '.join(f'{count} {kind}' for kind, count in
+                    sorted(ignored.items(), key=lambda item: (-item[1], item[0])))
+  total = sum(ignored.values())
+  return (f'note: {directory}: ignored {total} non-image file{"s" if total > 1 else ""} '
+          f'({kinds}); images are the files tf.io.decode_image reads, ending in '
+          f'{" ".join(IMAGE_EXTENSIONS)} (any case)')
+
+
 @functools.lru_cache(maxsize=16)
-def _scan(directory: str) -> tuple[tuple[str, ...], tuple[tuple[str, ...], ...]]:
+def _scan(directory: str) -> tuple[tuple[str, ...], tuple[tuple[bytes, ...], ...]]:
   """(sorted class names, per class the sorted image paths under it).
 
-  Listing an ImageNet-sized tree takes seconds, so it is done once per
-  directory and process.
+  Paths are bytes, as the file system stores them, so names that are not
+  valid UTF-8 (e.g. Latin-1 from an old archive) work. Prints one note
+  counting the ignored files by extension. Listing an ImageNet-sized tree
+  takes seconds, so it is done once per directory and process.
   """
-  def is_image(name):
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith('.')
-
-  entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
-  class_dirs = [e for e in entries if e.is_dir() and not e.name.startswith('.')]
-  loose = [e.name for e in entries if e.is_file() and is_image(e.name)]
+  entries = sorted(os.scandir(os.fsencode(directory)), key=lambda entry: entry.name)
+  class_dirs = [e for e in entries if e.is_dir() and not e.name.startswith(b'.')]
+  loose = [e.name for e in entries if e.is_file()]
   if not class_dirs:
-    hint = (f'; found {len(loose)} images directly in it: move them into a '
-            f'subfolder per class (one subfolder if unlabelled)' if loose else '')
+    images = sum(map(_is_image, loose))
+    hint = (f'; found {images} images directly in it: move them into a '
+            f'subfolder per class (one subfolder if unlabelled)' if images else '')
     raise DatasetError(f'{directory} has no class subfolders{hint}')
+  ignored = collections.Counter(_ignored_kind(name) for name in loose)
   names, files = [], []
   for class_dir in class_dirs:
     found = []
     for parent, subdirs, filenames in os.walk(class_dir.path, followlinks=True):
-      subdirs[:] = sorted(d for d in subdirs if not d.startswith('.'))
-      found.extend(os.path.join(parent, f) for f in sorted(filenames) if is_image(f))
-    names.append(class_dir.name)
+      subdirs[:] = sorted(d for d in subdirs if not d.startswith(b'.'))
+      for name in sorted(filenames):
+        if _is_image(name):
+          found.append(os.path.join(parent, name))
+        else:
+          ignored[_ignored_kind(name)] += 1
+    names.append(os.fsdecode(class_dir.name))
     files.append(tuple(found))
   if not any(files):
     raise DatasetError(
         f'no images ({", ".join(IMAGE_EXTENSIONS)}) in the class subfolders of '
         f'{directory}')
+  if ignored and jax.process_index() == 0:
+    print(ignored_files_note(directory, ignored), flush=True)
   return tuple(names), tuple(files)
 
 
@@ -231,7 +287,9 @@ def _folder_process_split(data_config, split: str, drop_remainder: bool) -> Proc
       {'path': tf.constant(paths, tf.string), 'label': tf.constant(labels, tf.int64)})
 
   def load(record):
-    return {'image': tf.io.read_file(record['path']), 'label': record['label']}
+    # 'path' travels along so that an unreadable file can be named.
+    return {'image': tf.io.read_file(record['path']), 'label': record['label'],
+            'path': record['path']}
 
   return ProcessSplit(records=records, load=load, num_examples=len(paths),
                       split_examples=len(listing.paths))
