@@ -113,7 +113,6 @@ def main(argv):
   jpeg = config.data.copy_and_resolve_references()
   jpeg.dataset, jpeg.data_dir, jpeg.train_split = f'folder:{folder}', '', 'train'
   jpeg.image_size, jpeg.crop_scale, jpeg.cache = 224, (0.2, 1.0), False
-  jpeg.shuffle_buffer = FLAGS.folder_images
   for views, prefix in ((2, 'folder_jpeg'), (1, 'folder_jpeg_one_view')):
     for fused in (True, False, True, False):    # alternate against drift
       jpeg.fused_jpeg_crop = fused

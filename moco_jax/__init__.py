@@ -5,7 +5,7 @@ The public API; these names stay stable:
   load_pretrained(workdir, mesh, step)  a run's query-encoder backbone (weights.pretrained)
   load_flax_backbone(path)              a Flax export -> (backbone, variables) (weights.export)
   build_encoder, resnet, ResNet         the model builders (models)
-  crop_window(image_shape, seed, scale) the RandomResizedCrop window sampler (data.pipeline)
+  crop_window(image_shape, seed, scale) torchvision's RandomResizedCrop window (data.crops)
 
 Names are imported on first use, so `import moco_jax.models` alone loads
 neither TensorFlow nor the training loop.

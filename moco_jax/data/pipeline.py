@@ -18,26 +18,13 @@ import jax
 import numpy as np
 import tensorflow as tf
 
+from moco_jax.data.crops import crop_window
+from moco_jax.data.order import EpochOrder
 from moco_jax.data.sources import (DatasetError, DatasetInfo, dataset_info,  # noqa: F401 (re-exported)
                                    process_split)
 
 # Keep TensorFlow off accelerators and quiet; JAX owns the devices.
 tf.config.set_visible_devices([], 'GPU')
-
-
-def crop_window(image_shape, seed, scale):
-  """torchvision RandomResizedCrop's window: area fraction in `scale`, aspect
-  3/4-4/3 (the whole image when 10 tries fail).
-
-  image_shape: (3,) int32 (H, W, C); seed: (2,) int stateless seed.
-  Returns (begin, size): (3,) int32 each, [top, left, 0] and [h, w, -1].
-  """
-  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      image_shape, bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
-      seed=seed, min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3),
-      area_range=tuple(scale), max_attempts=10,
-      use_image_if_no_bounding_boxes=True)
-  return begin, size
 
 
 def _resize(image, image_size):
@@ -102,91 +89,123 @@ def random_views(encoded, seed, data_config, num_views: int):
                    for view in range(num_views)])
 
 
-def _train_split(data_config, local_batch: int):
-  """(records, load, steps_per_epoch) of this process's training split; with
-  data.cache the loaded records are kept in memory (and load is the identity)."""
+def _train_order(data_config, local_batch: int, seed: int) -> tuple[EpochOrder, int]:
+  """(order, steps_per_epoch) of this process's training split."""
   split = process_split(data_config, data_config.train_split, drop_remainder=True)
   steps_per_epoch = split.num_examples // local_batch
   if steps_per_epoch == 0:
     raise DatasetError(f'train.batch_size gives {local_batch} images per process '
                        f'but this process has only {split.num_examples} examples')
-  records, load = split.records, split.load
-  if data_config.cache:
-    records = records.map(load, num_parallel_calls=tf.data.AUTOTUNE).cache()
-    load = lambda record: record
-  return records, load, steps_per_epoch
+  return EpochOrder(data_config, split, seed, jax.process_index()), steps_per_epoch
 
 
 class TrainBatches:
   """Endless iterator of this process's augmented training batches.
 
-  Epoch e shuffles the process's records with a seed of (seed, process, e)
-  and turns the example at position i into views with a seed of
-  (seed, e, process, i), so a run resumed at step s starts with the batch an
-  uninterrupted run would see there. Unreadable images are skipped; the
-  epoch fills up from the examples its full batches would otherwise drop.
+  Epoch e visits the process's records in a uniformly random order drawn
+  from (seed, process, e) (data/order.py) and turns the example at position
+  i into views with a seed of (seed, e, process, i), so a run resumed at
+  step s starts with the batch an uninterrupted run would see there.
+  An unreadable image is skipped and replaced by a repeat of another image
+  of its batch (batches stay aligned to positions, so resuming is exact); a
+  batch with no readable image is a DatasetError.
 
   Attributes:
-    skipped_images: images this process could not read or decode so far.
+    skipped_images: distinct images (files) this process could not read or
+      decode so far; `unreadable_names` names them.
   """
 
   def __init__(self, data_config, local_batch: int, seed: int, start_step: int,
                make_example: Callable):
-    self._records, self._load, self.steps_per_epoch = _train_split(
-        data_config, local_batch)
+    self._order, self.steps_per_epoch = _train_order(data_config, local_batch, seed)
     self._data_config, self._local_batch, self._seed = data_config, local_batch, seed
     self._make_example = make_example
-    self.skipped_images = 0
+    self.skipped_images = self._order.unreadable
+    self._unreadable = set(self._order.unreadable_names)
     self._epoch, skip = divmod(start_step, self.steps_per_epoch)
     self._start_epoch(skip)
 
   def _start_epoch(self, skip: int):
-    self._last_position = skip * self._local_batch - 1
+    self._next_batch = skip
     self._batches = self._epoch_dataset(self._epoch, skip).as_numpy_iterator()
 
   def _epoch_dataset(self, epoch: int, skip: int) -> tf.data.Dataset:
-    """The epoch's batches after the first `skip`."""
-    process, seed = jax.process_index(), self._seed
-    epoch_seed = tf.constant([seed, epoch], tf.int64)
-    ds = self._records.shuffle(
-        self._data_config.shuffle_buffer,
-        seed=((process * 1_000_003 + seed) * 100_003 + epoch) % 2**31,
-        reshuffle_each_iteration=False)
-    ds = ds.enumerate().skip(skip * self._local_batch)
-    load, make_example = self._load, self._make_example
+    """The epoch's batches after the first `skip`.
 
-    def to_example(position, record):
-      example = load(record)
+    Batch k is made from the positions [k·B, (k+1)·B) of the epoch's order
+    (B = local_batch), so a batch never depends on an earlier one and a
+    resumed run needs no replay; the unreadable images of a window are
+    replaced by repeats of its readable ones.
+    """
+    process, seed, batch = jax.process_index(), self._seed, self._local_batch
+    epoch_seed = tf.constant([seed, epoch], tf.int64)
+    records = self._order.records(epoch, skip * batch).take(
+        (self.steps_per_epoch - skip) * batch)
+    load, make_example = self._order.load, self._make_example
+
+    def to_example(item):
+      position = item['position']
+      example = load(item['record'])
       example_seed = tf.random.experimental.stateless_fold_in(
           epoch_seed, position + process * 2**40)
       return dict(make_example(example, example_seed), position=position)
 
-    ds = ds.map(to_example, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
-    ds = ds.batch(self._local_batch, drop_remainder=True)
-    ds = ds.take(self.steps_per_epoch - skip)
+    def window_batch(window):
+      examples = tf.data.Dataset.from_tensor_slices(window).map(
+          to_example, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+      return examples.batch(batch)     # nothing when no image is readable
+
+    def fill(readable):
+      count = tf.shape(readable['position'])[0]
+      filled = {key: tf.gather(value, tf.range(batch) % count)
+                for key, value in readable.items() if key != 'position'}
+      return dict(filled, readable=count, window=readable['position'][0] // batch,
+                  positions=readable['position'])
+
+    ds = records.batch(batch, drop_remainder=True).interleave(
+        window_batch, cycle_length=4, block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     options = tf.data.Options()
     options.deterministic = True
-    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+    return ds.map(fill).with_options(options).prefetch(tf.data.AUTOTUNE)
 
   def __iter__(self):
     return self
+
+  def _note_unreadable(self, readable_positions):
+    """Names the files of this window that were not readable; counts each
+    file once however often it is tried."""
+    start = self._next_batch * self._local_batch
+    missing = sorted(set(range(start, start + self._local_batch))
+                     - set(readable_positions.tolist()))
+    if missing:
+      self._unreadable.update(self._order.names(self._epoch, missing))
+      self.skipped_images = (self._order.unreadable - len(self._order.unreadable_names)
+                             + len(self._unreadable))
+
+  @property
+  def unreadable_names(self) -> list[bytes]:
+    """The unreadable files (folders: paths as bytes; TFDS: record names),
+    sorted."""
+    return sorted(self._unreadable)
 
   def __next__(self) -> dict:
     try:
       batch = next(self._batches)
     except StopIteration:
+      batch = None
+    if batch is None and self._next_batch == self.steps_per_epoch:
       self._epoch += 1
       self._start_epoch(0)
-      try:
-        batch = next(self._batches)
-      except StopIteration:
-        raise DatasetError(
-            f'epoch {self._epoch} of data.dataset {self._data_config.dataset!r} has '
-            f'fewer than {self._local_batch} readable images for a batch '
-            f'({self.skipped_images} unreadable so far)') from None
-    positions = batch.pop('position')
-    self.skipped_images += int(positions[-1] - self._last_position) - len(positions)
-    self._last_position = int(positions[-1])
+      batch = next(self._batches, None)
+    if batch is None or int(batch['window']) != self._next_batch:
+      raise DatasetError(
+          f'batch {self._next_batch} of epoch {self._epoch} of data.dataset '
+          f'{self._data_config.dataset!r} has no readable image among its '
+          f'{self._local_batch} ({self.skipped_images} unreadable so far)')
+    self._note_unreadable(batch.pop('positions'))
+    self._next_batch += 1
+    del batch['window'], batch['readable']
     return batch
 
 
