@@ -24,6 +24,7 @@ SKIPPED = [
      'the same flags with two local processes)'),
     ('srun ', 'needs a SLURM cluster'),
     ('moco_v2_800ep_pretrain.pth.tar', "needs torch and the reference's 800-epoch checkpoint"),
+    ('vit-s-300ep.pth.tar', 'needs ImageNet and the official MoCo v3 checkpoint'),
 ]
 # Lines left out of a block whose other lines run.
 SKIPPED_LINES = [('python -m pytest -q -n auto', 'the test suite itself')]
