@@ -69,19 +69,19 @@ def torch_shape(shape, kind: str) -> tuple[int, ...]:
   return to_torch_array(np.empty(shape, np.int8), kind).shape
 
 
-def _torch_module_name(path) -> str:
+def torch_module_name(path) -> str:
   """('layer1_0', 'downsample_0') -> 'layer1.0.downsample.0'."""
   return '.'.join(re.sub(r'_(\d+)$', r'.\1', key) for key in path)
 
 
-def _modules(tree, path=()):
+def array_modules(tree, path=()):
   """Yields (module path, {leaf name: array}) for every module holding arrays."""
   leaves = {k: v for k, v in tree.items() if not isinstance(v, Mapping)}
   if leaves:
     yield path, leaves
   for key, value in tree.items():
     if isinstance(value, Mapping):
-      yield from _modules(value, path + (key,))
+      yield from array_modules(value, path + (key,))
 
 
 def torchvision_entries(variables) -> list[Entry]:
@@ -91,10 +91,10 @@ def torchvision_entries(variables) -> list[Entry]:
   Raises:
     ValueError: for a module that is neither conv, dense nor BatchNorm.
   """
-  stats = dict(_modules(variables.get('batch_stats', {})))
+  stats = dict(array_modules(variables.get('batch_stats', {})))
   entries = []
-  for path, leaves in _modules(variables['params']):
-    module = _torch_module_name(path)
+  for path, leaves in array_modules(variables['params']):
+    module = torch_module_name(path)
     kernel = leaves.get('kernel')
     if set(leaves) == {'kernel'} and len(kernel.shape) == 4:
       entries.append(Entry(f'{module}.weight', 'params', path + ('kernel',), 'conv'))
@@ -113,13 +113,13 @@ def torchvision_entries(variables) -> list[Entry]:
   return entries
 
 
-def _get(tree, path):
+def get_path(tree, path):
   for key in path:
     tree = tree[key]
   return tree
 
 
-def _set(tree, path, value):
+def set_path(tree, path, value):
   for key in path[:-1]:
     tree = tree.setdefault(key, {})
   tree[path[-1]] = value
@@ -133,7 +133,7 @@ def to_torchvision(variables, num_batches_tracked: int = 0) -> dict[str, np.ndar
   """
   flat = {}
   for e in torchvision_entries(variables):
-    flat[e.name] = to_torch_array(_get(variables[e.collection], e.path), e.kind)
+    flat[e.name] = to_torch_array(get_path(variables[e.collection], e.path), e.kind)
     if e.name.endswith('.running_var'):
       flat[e.name[:-len('running_var')] + COUNTER] = np.array(num_batches_tracked,
                                                               np.int64)
@@ -170,13 +170,13 @@ def from_torchvision(flat: Mapping[str, Any], template,
   for name, e in wanted.items():
     if name not in flat:
       continue
-    like = _get(template[e.collection], e.path)
+    like = get_path(template[e.collection], e.path)
     want = torch_shape(like.shape, e.kind)
     got = tuple(np.shape(flat[name]))
     if got != want:
       wrong_shape.append(f'{name} {got} (model: {want})')
       continue
-    _set(variables.setdefault(e.collection, {}), e.path,
+    set_path(variables.setdefault(e.collection, {}), e.path,
          from_torch_array(flat[name], e.kind).astype(like.dtype))
   if missing or unexpected or wrong_shape:
     raise WeightsMismatchError(_mismatch_message(
@@ -249,7 +249,7 @@ def describe_resnet(shapes: Mapping[str, tuple]) -> str:
           f'{stem[2]}x{stem[3]} stem)')
 
 
-def _compact(names) -> str:
+def compact_names(names) -> str:
   """'a.b.weight', 'a.b.bias', 'c.weight' -> 'a.b.{weight,bias}, c.weight'."""
   groups = {}
   for name in names:
@@ -265,13 +265,13 @@ def _mismatch_message(what, missing, unexpected, wrong_shape, flat, template,
                       naming) -> str:
   problems = []
   if missing:
-    problems.append('missing ' + _compact(missing))
+    problems.append('missing ' + compact_names(missing))
   if unexpected:
-    problems.append('unexpected ' + _compact(unexpected))
+    problems.append('unexpected ' + compact_names(unexpected))
   if wrong_shape:
     problems.append(f'wrong shape {len(wrong_shape)}: ' + ', '.join(wrong_shape))
   message = f'{what} do not fit the model: ' + '; '.join(problems)
-  model_names = {e.name: torch_shape(_get(template[e.collection], e.path).shape,
+  model_names = {e.name: torch_shape(get_path(template[e.collection], e.path).shape,
                                      e.kind)
                  for e in torchvision_entries(template)}
   if 'conv1.weight' in model_names:  # a backbone: say what each side looks like

@@ -19,35 +19,21 @@ Official MoCo v3 checkpoints (torch.save({'state_dict': ...})) hold, under
 for a ViT or `fc.*` for a ResNet), momentum_encoder.* (the same for the key
 encoder) and predictor.*; from_moco_v3_checkpoint splits them.
 
-Nothing here reads files or imports torch; arrays are numpy. (jax comes in
-only through the pos_embed formula, moco_jax.models.vit, imported on use.)
+Nothing here reads files or imports torch; arrays are numpy. The layout
+helpers (transposes, module names) are weights/convert.py's.
 """
-import re
 from typing import Any, Mapping, Optional
 
 import numpy as np
+
+from moco_jax.weights.convert import (array_modules, compact_names, from_torch_array,
+                                      get_path, set_path, to_torch_array, torch_module_name,
+                                      torch_shape)
 
 COUNTER = 'num_batches_tracked'
 POS_EMBED = 'pos_embed'
 # Tolerance of from_timm's pos_embed check (torch's float32 sin/cos vs ours).
 POS_EMBED_ATOL = 1e-4
-_TO_TORCH_AXES = {'conv': (3, 2, 0, 1), 'dense': (1, 0)}    # HWIO -> OIHW
-_FROM_TORCH_AXES = {'conv': (2, 3, 1, 0), 'dense': (1, 0)}  # OIHW -> HWIO
-
-
-def _torch_name(path) -> str:
-  """('blocks_3', 'attn', 'qkv') -> 'blocks.3.attn.qkv'."""
-  return '.'.join(re.sub(r'_(\d+)$', r'.\1', key) for key in path)
-
-
-def _modules(tree, path=()):
-  """Yields (module path, {leaf name: array}) for every module holding arrays."""
-  leaves = {k: v for k, v in tree.items() if not isinstance(v, Mapping)}
-  if leaves:
-    yield path, leaves
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      yield from _modules(value, path + (key,))
 
 
 def entries(variables) -> list[tuple[str, str, tuple[str, ...], str]]:
@@ -65,10 +51,10 @@ def entries(variables) -> list[tuple[str, str, tuple[str, ...], str]]:
     ValueError: for a module that is none of those.
   """
   params = variables.get('params', {})
-  stats = dict(_modules(variables.get('batch_stats', {})))
+  stats = dict(array_modules(variables.get('batch_stats', {})))
   out = []
-  for path, leaves in _modules(params):
-    module = _torch_name(path)
+  for path, leaves in array_modules(params):
+    module = torch_module_name(path)
     prefix = f'{module}.' if module else ''
     kernel = leaves.get('kernel')
     if not path:                                  # cls_token and the like
@@ -90,48 +76,10 @@ def entries(variables) -> list[tuple[str, str, tuple[str, ...], str]]:
     if set(leaves) != {'mean', 'var'}:
       raise ValueError(f'cannot convert batch_stats {"/".join(path)!r} with '
                        f'arrays {sorted(leaves)}; valid: mean, var')
-    module = _torch_name(path)
+    module = torch_module_name(path)
     out += [(f'{module}.running_mean', 'batch_stats', path + ('mean',), 'copy'),
             (f'{module}.running_var', 'batch_stats', path + ('var',), 'copy')]
   return out
-
-
-def _get(tree, path):
-  for key in path:
-    tree = tree[key]
-  return tree
-
-
-def _set(tree, path, value):
-  for key in path[:-1]:
-    tree = tree.setdefault(key, {})
-  tree[path[-1]] = value
-
-
-def _to_torch(x, kind):
-  x = np.asarray(x)
-  return x.transpose(_TO_TORCH_AXES[kind]) if kind in _TO_TORCH_AXES else x
-
-
-def _from_torch(x, kind):
-  x = np.asarray(x)
-  return x.transpose(_FROM_TORCH_AXES[kind]) if kind in _FROM_TORCH_AXES else x
-
-
-def _torch_shape(shape, kind):
-  return _to_torch(np.empty(shape, np.int8), kind).shape
-
-
-def _compact(names) -> str:
-  """'a.b.weight', 'a.b.bias', 'c' -> '2: a.b.{weight,bias}, c'."""
-  groups = {}
-  for name in names:
-    parent, _, leaf = name.rpartition('.')
-    groups.setdefault(parent, []).append(leaf)
-  parts = [(f'{p}.' if p else '') + (leaves[0] if len(leaves) == 1
-                                     else '{' + ','.join(leaves) + '}')
-           for p, leaves in groups.items()]
-  return f'{len(names)}: ' + ', '.join(parts)
 
 
 def to_state_dict(variables, num_batches_tracked: int = 0) -> dict[str, np.ndarray]:
@@ -142,7 +90,7 @@ def to_state_dict(variables, num_batches_tracked: int = 0) -> dict[str, np.ndarr
   """
   flat = {}
   for name, collection, path, kind in entries(variables):
-    flat[name] = _to_torch(_get(variables[collection], path), kind)
+    flat[name] = to_torch_array(get_path(variables[collection], path), kind)
     if name.endswith('.running_var'):
       flat[name[:-len('running_var')] + COUNTER] = np.array(num_batches_tracked,
                                                             np.int64)
@@ -177,19 +125,19 @@ def from_state_dict(flat: Mapping[str, Any], template, what: str = 'weights',
   for name, (collection, path, kind) in wanted.items():
     if name not in flat:
       continue
-    like = _get(template[collection], path)
-    want = _torch_shape(like.shape, kind)
+    like = get_path(template[collection], path)
+    want = torch_shape(like.shape, kind)
     got = tuple(np.shape(flat[name]))
     if got != want:
       wrong_shape.append(f'{name} {got} (model: {want})')
       continue
-    _set(variables.setdefault(collection, {}), path,
-         _from_torch(flat[name], kind).astype(like.dtype))
+    set_path(variables.setdefault(collection, {}), path,
+         from_torch_array(flat[name], kind).astype(like.dtype))
   problems = []
   if missing:
-    problems.append('missing ' + _compact(missing))
+    problems.append('missing ' + compact_names(missing))
   if unexpected:
-    problems.append('unexpected ' + _compact(unexpected))
+    problems.append('unexpected ' + compact_names(unexpected))
   if wrong_shape:
     problems.append(f'wrong shape {len(wrong_shape)}: ' + ', '.join(wrong_shape))
   if problems:
@@ -317,7 +265,7 @@ def from_moco_v3_checkpoint(flat: Mapping[str, Any]) -> dict[str, Any]:
     key = short if part == 'predictor' else short[len(MOCO_V3_PARTS[part]):]
     parts[part][key] = np.asarray(value)
   if unexpected:
-    raise ValueError('not a MoCo v3 checkpoint: unexpected ' + _compact(unexpected)
+    raise ValueError('not a MoCo v3 checkpoint: unexpected ' + compact_names(unexpected)
                      + '; valid: [module.]{base_encoder,momentum_encoder,predictor}.*')
   base = parts['base_encoder']
   if any(k.startswith('head.') for k in base):
