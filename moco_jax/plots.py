@@ -15,7 +15,7 @@ from ml_collections import config_flags
 from moco_jax.config.base import base_config
 from moco_jax.evaluation.plots import (augmented_views, class_names, plot_curves,
                                        plot_retrieval, plot_views, retrieval)
-from moco_jax.runtime import cli
+from moco_jax.runtime import cli, paths
 from moco_jax.runtime.mesh import make_mesh
 
 FLAGS = flags.FLAGS
@@ -65,13 +65,13 @@ def main(argv):
     config = pretrained.apply_overrides(pretrained.load_config(workdir, step),
                                         config_flags.get_override_values(FLAGS['config']))
     view_q, view_k = augmented_views(config, FLAGS.num_images)
-    written.append(plot_views(view_q, view_k, os.path.join(workdir, 'views.png')))
+    written.append(plot_views(view_q, view_k, paths.join(workdir, 'views.png')))
     one_device = make_mesh(jax.devices()[:1])  # features on one device
     run = pretrained.load(workdir, one_device, step, config)
     found = retrieval(config, run.params, run.batch_stats, FLAGS.num_images,
                       FLAGS.bank_size, FLAGS.neighbours)
     written.append(plot_retrieval(found, class_names(config.data),
-                                  os.path.join(workdir, 'retrieval.png')))
+                                  paths.join(workdir, 'retrieval.png')))
   except (pretrained.PretrainedError, DatasetError) as error:
     for path in written:
       print(path)

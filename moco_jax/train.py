@@ -5,7 +5,6 @@ over every device, resumes from the newest checkpoint in `workdir`, and
 trains with progress bar, metrics.jsonl, TensorBoard and orbax checkpoints.
 Importable from Python/Colab; main.py is only the command-line wrapper.
 """
-import os
 import time
 
 import jax
@@ -15,7 +14,7 @@ from tqdm import tqdm
 
 from moco_jax.evaluation import knn as knn_evaluation
 from moco_jax.experiment import Experiment, describe_bn
-from moco_jax.runtime import checkpointing, health, preemption, progress as clock
+from moco_jax.runtime import checkpointing, health, paths, preemption, progress as clock
 from moco_jax.runtime.metric_writer import MetricWriter
 from moco_jax.weights import import_weights
 
@@ -96,11 +95,9 @@ def write_unreadable_names(batches, workdir: str) -> str:
   skipped_images.process<i>.txt); returns process 0's file."""
   index = jax.process_index()
   name = 'skipped_images.txt' if index == 0 else f'skipped_images.process{index}.txt'
-  path, tmp = os.path.join(workdir, name), os.path.join(workdir, f'.{name}.tmp')
-  with open(tmp, 'wb') as f:
-    f.writelines(line + b'\n' for line in batches.unreadable_names)
-  os.replace(tmp, path)
-  return os.path.join(workdir, 'skipped_images.txt')
+  paths.write_bytes_atomic(paths.join(workdir, name),
+                           b''.join(line + b'\n' for line in batches.unreadable_names))
+  return paths.join(workdir, 'skipped_images.txt')
 
 
 def _watch_collapse(monitor, step: int, metrics: dict, config, progress) -> None:
@@ -145,7 +142,7 @@ def startup_summary(experiment: Experiment, workdir: str) -> str:
           f'{experiment.epoch_steps:,} steps; {info.num_examples:,} training images '
           f'({info.name} {config.data.train_split}'
           f'{", on device" if experiment.on_device else ""}); {config.dtype}; '
-          f'workdir {os.path.abspath(workdir)}')
+          f'workdir {paths.absolute(workdir)}')
 
 
 def startup_warnings(config, experiment: Experiment) -> list[str]:

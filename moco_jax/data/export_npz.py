@@ -6,10 +6,11 @@ python -m moco_jax.data.export_npz --dataset=cifar10 --data_dir=../shared/tfds \
 The file (CIFAR-10: 184 MB) lets a machine without TensorFlow train with
 data.on_device (e.g. benchmarks/time_to_accuracy.py on an accelerator).
 """
-import os
 import sys
 
 from absl import app, flags
+
+from moco_jax.runtime import paths
 
 flags.DEFINE_string('dataset', 'cifar10', 'TFDS name.')
 flags.DEFINE_string('data_dir', '', 'TFDS data_dir ("" = TFDS default).')
@@ -25,7 +26,7 @@ def main(argv):
   if not FLAGS.out or not FLAGS.out.endswith('.npz'):
     print(f'error: --out={FLAGS.out!r} must name a .npz file', file=sys.stderr)
     sys.exit(2)
-  if not os.path.isdir(os.path.dirname(os.path.abspath(FLAGS.out))):
+  if not paths.isdir(paths.dirname(paths.absolute(FLAGS.out))):
     print(f'error: --out={FLAGS.out!r}: its folder does not exist', file=sys.stderr)
     sys.exit(2)
   try:

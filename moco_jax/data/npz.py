@@ -8,11 +8,14 @@ writes such a file from a TFDS dataset (it imports TensorFlow lazily);
 `python -m moco_jax.data.export_npz` is its command line.
 """
 import functools
+import io
 import os
 
 import numpy as np
+from etils import epath
 
 from moco_jax.data.info import DatasetError, DatasetInfo
+from moco_jax.runtime import paths
 
 NPZ_PREFIX = 'npz:'
 
@@ -22,14 +25,14 @@ def is_npz(dataset: str) -> bool:
 
 
 def npz_path(dataset: str) -> str:
-  return os.path.abspath(os.path.expanduser(dataset[len(NPZ_PREFIX):]))
+  return paths.absolute(dataset[len(NPZ_PREFIX):], expand_user=True)
 
 
 @functools.lru_cache(maxsize=2)
 def _open(path: str, mtime: float):
   del mtime  # part of the cache key: a rewritten file is read again
   try:
-    with np.load(path, allow_pickle=False) as archive:
+    with np.load(io.BytesIO(paths.read_bytes(path)), allow_pickle=False) as archive:
       return {key: archive[key] for key in archive.files}
   except (OSError, ValueError) as error:
     raise DatasetError(f'data.dataset npz:{path}: cannot read it as a .npz of uint8 '
@@ -39,11 +42,11 @@ def _open(path: str, mtime: float):
 def load_arrays(dataset: str) -> dict:
   """Every array of an npz: dataset, read once per file (kept in host memory)."""
   path = npz_path(dataset)
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise DatasetError(f'data.dataset {dataset!r}: {path} is not a file (expected '
                        f'{NPZ_PREFIX}/path/file.npz, written by python -m '
                        f'moco_jax.data.export_npz)')
-  return _open(path, os.path.getmtime(path))
+  return _open(path, epath.Path(path).stat().mtime)
 
 
 def splits(arrays: dict) -> list[str]:
@@ -80,7 +83,7 @@ def dataset_info(data_config, split: str | None = None) -> DatasetInfo:
   else:
     largest = max(int(arrays[f'{s}_labels'].max(initial=-1)) for s in splits(arrays))
     class_names = tuple(str(c) for c in range(largest + 1))
-  return DatasetInfo(name=data_config.dataset, data_dir=os.path.dirname(
+  return DatasetInfo(name=data_config.dataset, data_dir=paths.dirname(
       npz_path(data_config.dataset)), num_examples=int(images.shape[0]),
                      num_classes=len(class_names), class_names=class_names)
 
@@ -114,7 +117,7 @@ def export_npz(dataset: str, data_dir: str | None, split_names, path: str) -> di
   label = builder.info.features['label'] if 'label' in builder.info.features else None
   if getattr(label, 'names', None):
     arrays['class_names'] = np.array(label.names)
-  tmp = path + '.tmp.npz'
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  paths.write_bytes_atomic(path, buffer.getvalue())   # local or gs://
   return counts

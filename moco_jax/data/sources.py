@@ -31,6 +31,7 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
 from moco_jax.data.info import DatasetError, DatasetInfo  # noqa: E402,F401 (re-exported)
+from moco_jax.runtime import paths as path_layer  # noqa: E402  (`paths` is a local name below)
 
 FOLDER_PREFIX = 'folder:'
 # What tf.io.decode_image reads, compared case-insensitively.
@@ -175,8 +176,9 @@ class _FolderListing:
 
 
 def _folder_root(data_config) -> str:
-  root = os.path.abspath(os.path.expanduser(data_config.dataset[len(FOLDER_PREFIX):]))
-  if not os.path.isdir(root):
+  root = path_layer.absolute(data_config.dataset[len(FOLDER_PREFIX):], expand_user=True)
+  root = root.rstrip('/') or '/'
+  if not path_layer.isdir(root):
     raise DatasetError(f'data.dataset {data_config.dataset!r}: {root} is not a '
                        f'directory (expected {FOLDER_PREFIX}/path with one '
                        f'subfolder of images per class)')
@@ -185,8 +187,8 @@ def _folder_root(data_config) -> str:
 
 def _split_directory(data_config, split: str) -> str:
   root = _folder_root(data_config)
-  candidate = os.path.join(root, split)
-  if os.path.isdir(candidate):
+  candidate = path_layer.join(root, split)
+  if path_layer.isdir(candidate):
     return candidate
   if split == data_config.train_split:
     return root
@@ -246,9 +248,8 @@ def _scan(directory: str) -> tuple[tuple[str, ...], tuple[tuple[bytes, ...], ...
   counting the ignored files by extension. Listing an ImageNet-sized tree
   takes seconds, so it is done once per directory and process.
   """
-  entries = sorted(os.scandir(os.fsencode(directory)), key=lambda entry: entry.name)
-  class_dirs = [e for e in entries if e.is_dir() and not e.name.startswith(b'.')]
-  loose = [e.name for e in entries if e.is_file()]
+  subdirs, loose = _entries(directory)
+  class_dirs = [name for name in subdirs if not name.startswith(b'.')]
   if not class_dirs:
     images = sum(map(_is_image, loose))
     hint = (f'; found {images} images directly in it: move them into a '
@@ -258,14 +259,14 @@ def _scan(directory: str) -> tuple[tuple[str, ...], tuple[tuple[bytes, ...], ...
   names, files = [], []
   for class_dir in class_dirs:
     found = []
-    for parent, subdirs, filenames in os.walk(class_dir.path, followlinks=True):
+    for parent, subdirs, filenames in _walk(directory, class_dir):
       subdirs[:] = sorted(d for d in subdirs if not d.startswith(b'.'))
       for name in sorted(filenames):
         if _is_image(name):
-          found.append(os.path.join(parent, name))
+          found.append(parent + b'/' + name)
         else:
           ignored[_ignored_kind(name)] += 1
-    names.append(os.fsdecode(class_dir.name))
+    names.append(os.fsdecode(class_dir))
     files.append(tuple(found))
   if not any(files):
     raise DatasetError(
@@ -274,6 +275,31 @@ def _scan(directory: str) -> tuple[tuple[str, ...], tuple[tuple[bytes, ...], ...
   if ignored and jax.process_index() == 0:
     print(ignored_files_note(directory, ignored), flush=True)
   return tuple(names), tuple(files)
+
+
+def _entries(directory: str) -> tuple[list[bytes], list[bytes]]:
+  """(subdirectory names, file names) of a directory, as bytes.
+
+  Local: os.scandir on bytes (names that are not UTF-8 work). URLs (gs://):
+  tf.io.gfile, which the input pipeline's tf.io.read_file also uses."""
+  if path_layer.is_url(directory):
+    _, subdirs, files = next(iter(tf.io.gfile.walk(directory)))
+    return (sorted(d.rstrip('/').encode() for d in subdirs),
+            sorted(f.encode() for f in files))
+  entries = sorted(os.scandir(os.fsencode(directory)), key=lambda entry: entry.name)
+  return ([e.name for e in entries if e.is_dir()], [e.name for e in entries if e.is_file()])
+
+
+def _walk(directory: str, class_dir: bytes):
+  """os.walk of directory/class_dir as bytes (parent, subdirs, files); the
+  caller may prune subdirs in place."""
+  if not path_layer.is_url(directory):
+    yield from os.walk(os.path.join(os.fsencode(directory), class_dir), followlinks=True)
+    return
+  for parent, subdirs, files in tf.io.gfile.walk(f'{directory}/{os.fsdecode(class_dir)}'):
+    names = [d.rstrip('/').encode() for d in subdirs]
+    yield parent.rstrip('/').encode(), names, [f.encode() for f in files]
+    subdirs[:] = [d for d in subdirs if d.rstrip('/').encode() in names]
 
 
 def _folder_process_split(data_config, split: str, drop_remainder: bool) -> ProcessSplit:

@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from moco_jax import augment, optim
-from moco_jax.runtime import checkpointing, health, preemption
+from moco_jax.runtime import checkpointing, health, paths, preemption
 from moco_jax.evaluation import knn
 from moco_jax.data import inputs
 from moco_jax.weights import pretrained
@@ -154,7 +154,7 @@ class LinearEval:
     config = config.copy_and_resolve_references()
     if not config.pretrained:
       raise ConfigError('pretrained is empty: give --config.pretrained=PRETRAIN_DIR')
-    if os.path.abspath(workdir) == os.path.abspath(config.pretrained):
+    if paths.absolute(workdir) == paths.absolute(config.pretrained):
       raise ConfigError(f'--workdir={workdir} is the pretraining run itself; give '
                         f'linear evaluation its own workdir')
     if config.pretrained_step < 0:

@@ -7,7 +7,7 @@
   retrieval.png  a few evaluation images and their nearest training images by
                  backbone-feature cosine similarity (green: same class)
 """
-import os
+import io
 
 import matplotlib
 
@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from moco_jax.config.normalization import MEAN_STD
+from moco_jax.runtime import paths
 
 
 def plot_curves(events: list[dict], workdir: str) -> list[str]:
@@ -36,8 +37,8 @@ def plot_curves(events: list[dict], workdir: str) -> list[str]:
       lines = ax.get_lines() + acc.get_lines()
       ax.legend(lines, [line.get_label() for line in lines], loc='center right',
                 fontsize=8)
-    ax.set_title(f'pretraining loss: {os.path.basename(os.path.abspath(workdir))}')
-    written.append(_save(fig, os.path.join(workdir, 'loss.png')))
+    ax.set_title(f'pretraining loss: {paths.basename(paths.absolute(workdir))}')
+    written.append(_save(fig, paths.join(workdir, 'loss.png')))
   knn = [e for e in events if 'knn_top1' in e]
   if knn:
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -49,14 +50,16 @@ def plot_curves(events: list[dict], workdir: str) -> list[str]:
     ax.set_ylabel('kNN top-1 (%)')
     ax.set_title('kNN monitor (eval split)')
     ax.grid(alpha=0.3)
-    written.append(_save(fig, os.path.join(workdir, 'knn.png')))
+    written.append(_save(fig, paths.join(workdir, 'knn.png')))
   return written
 
 
 def _save(fig, path: str) -> str:
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, dpi=100, format='png')
   plt.close(fig)
+  paths.write_bytes_atomic(path, buffer.getvalue())   # local or gs://
   return path
 
 

@@ -2,12 +2,13 @@
 queue and rng included; for linear evaluation the linear layer's) + the config.
 
 Saves are asynchronous and atomic (orbax writes to a temporary directory and
-renames it when complete), so an interrupted save never becomes "latest".
+renames it when complete; on gs://, where there is no rename, orbax marks a
+finished step with a commit_success file), so an interrupted save never
+becomes "latest". Every path goes through runtime/paths.py.
 """
 import contextlib
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -16,6 +17,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+from moco_jax.runtime import paths
 
 PyTree = Any  # a flax.struct dataclass of arrays
 
@@ -128,8 +131,8 @@ class Checkpointer:
   """Keeps the newest `keep` checkpoints of a run under workdir/checkpoints."""
 
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
-    self.workdir = os.path.abspath(workdir)
-    self.directory = os.path.join(self.workdir, CHECKPOINT_SUBDIR)
+    self.workdir = paths.absolute(workdir)
+    self.directory = paths.join(self.workdir, CHECKPOINT_SUBDIR)
     self._options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
     self._open()
@@ -142,11 +145,14 @@ class Checkpointer:
     the same step would collide with them. Only the run that owns the
     workdir may call this (it would break another process's save).
     """
-    if jax.process_index() != 0 or not os.path.isdir(self.directory):
+    if jax.process_index() != 0 or not paths.isdir(self.directory):
       return
-    for name in os.listdir(self.directory):
+    for name in paths.listdir(self.directory):
       if '.orbax-checkpoint-tmp' in name:
-        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        try:
+          paths.rmtree(paths.join(self.directory, name))
+        except Exception:  # pylint: disable=broad-except  # as rmtree(ignore_errors)
+          pass
     self._manager.reload()
 
   def _open(self):
@@ -154,7 +160,7 @@ class Checkpointer:
         self.directory, options=self._options, item_names=('state', 'config'))
 
   def path(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+    return paths.join(self.directory, str(step))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -203,14 +209,14 @@ class Checkpointer:
     # Every process found the checkpoint unreadable; process 0 moves it while
     # the others wait (before: all see the same free destination name).
     _sync_processes(f'quarantine checkpoint {step}')
-    destination = os.path.join(self.workdir, CORRUPT_SUBDIR, str(step))
-    while os.path.exists(destination):
+    destination = paths.join(self.workdir, CORRUPT_SUBDIR, str(step))
+    while paths.exists(destination):
       destination += '_'
     self._manager.close()
     _sync_processes(f'quarantine checkpoint {step}: named')
     if jax.process_index() == 0:
-      os.makedirs(os.path.dirname(destination), exist_ok=True)
-      shutil.move(self.path(step), destination)
+      paths.makedirs(paths.dirname(destination))
+      paths.move_tree(self.path(step), destination)   # gs://: copy, then delete
     _sync_processes(f'quarantine checkpoint {step}: moved')
     self._open()
     reason = f'{type(error).__name__}: {str(error).splitlines()[0][:200]}' if str(error) else type(error).__name__

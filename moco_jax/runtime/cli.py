@@ -10,6 +10,8 @@ import glob
 import os
 import sys
 
+from moco_jax.runtime import paths
+
 EXIT_USAGE = 2
 HELP_FLAGS = ('--help', '-h', '-?', '--helpshort')
 
@@ -119,13 +121,16 @@ def workdir_problem(path: str | None, flag: str = '--workdir',
   """Why `path` cannot be (or, with must_exist, is not) a run directory, or None.
 
   Checks, without creating anything: not empty, not a file, the nearest
-  existing parent is a writable directory. gs:// and other URLs are left to
-  the storage layer.
+  existing parent is a writable directory. For gs:// and other URLs: the
+  bucket is reachable with these credentials (paths.access_problem).
   """
   if not path:
     return f'{flag} is required: {flag}=DIR'
-  if '://' in path:
-    return None
+  if paths.is_url(path):
+    problem = paths.access_problem(path, flag)
+    if problem is None and must_exist and not paths.isdir(path):
+      problem = f'{flag}={path}: no such directory'
+    return problem
   if os.path.exists(path) and not os.path.isdir(path):
     return f'{flag}={path} is a file, not a directory'
   if must_exist:

@@ -1,8 +1,16 @@
-"""Log events to workdir/metrics.jsonl (one JSON object each) and TensorBoard."""
+"""Log events to workdir/metrics.jsonl (one JSON object each) and TensorBoard.
+
+A local workdir appends; a gs:// one rewrites the object at each event
+(paths.RewrittenFile: objects cannot be appended to), so a pre-empted writer
+loses at most the last line, as locally. TensorBoard's event files on gs://
+go through the same writer (tensorboardX's own gs:// writer needs
+google-cloud-storage; ours uses the path layer).
+"""
 import json
-import os
 
 import numpy as np
+
+from moco_jax.runtime import paths
 
 
 class MetricWriter:
@@ -10,18 +18,25 @@ class MetricWriter:
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = paths.join(workdir, 'metrics.jsonl')
     self._tensorboard = None
+    self._remote = paths.RewrittenFile(self.path) if enabled and paths.is_url(self.path) else None
     if enabled:
       from tensorboardX import SummaryWriter
-      self._tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      if paths.is_url(workdir):
+        _register_tensorboardx_url_writer(workdir.split('://', 1)[0])
+      self._tensorboard = SummaryWriter(paths.join(workdir, 'tensorboard'))
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:
       return
     values = {key: _to_python(value) for key, value in scalars.items()}
-    with open(self.path, 'a') as f:
-      f.write(json.dumps({'step': int(step), **values}) + '\n')
+    line = json.dumps({'step': int(step), **values}) + '\n'
+    if self._remote is not None:
+      self._remote.write(line)
+      self._remote.flush()
+    else:
+      paths.append_text(self.path, line)
     for key, value in values.items():
       if isinstance(value, (int, float)):
         self._tensorboard.add_scalar(key, value, int(step))
@@ -41,8 +56,23 @@ def _to_python(value):
 
 def read_metrics(workdir: str) -> list[dict]:
   """All logged events of a workdir, in order."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
+  path = paths.join(workdir, 'metrics.jsonl')
+  if not paths.exists(path):
     return []
-  with open(path) as f:
+  with paths.open_file(path) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+class _UrlRecordWriterFactory:
+  """tensorboardX's writer-factory interface over paths.RewrittenFile."""
+
+  def open(self, path):
+    return paths.RewrittenFile(path, binary=True)
+
+  def directory_check(self, path):
+    paths.makedirs(path)
+
+
+def _register_tensorboardx_url_writer(scheme: str) -> None:
+  from tensorboardX import record_writer
+  record_writer.register_writer_factory(scheme, _UrlRecordWriterFactory())

@@ -18,7 +18,7 @@ base_encoder names `head.*` and `predictor.*`).
 ResNets export to flax, torchvision and detectron2; ViTs to flax and timm.
 """
 import functools
-import os
+import io
 import sys
 
 import flax.serialization
@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 
 from moco_jax import optim
-from moco_jax.runtime import checkpointing
+from moco_jax.runtime import checkpointing, paths
 from moco_jax.weights import convert, portable, timm
 from moco_jax.models import build_encoder, frozen_params, is_vit, resnet
 from moco_jax.models.vit import vit
@@ -82,8 +82,8 @@ def restore_encoder(workdir: str, step: int | None = None):
   Raises:
     ExportError: no checkpoints in workdir, or no checkpoint at `step`.
   """
-  directory = os.path.join(workdir, checkpointing.CHECKPOINT_SUBDIR)
-  if not os.path.isdir(directory):
+  directory = paths.join(workdir, checkpointing.CHECKPOINT_SUBDIR)
+  if not paths.isdir(directory):
     raise ExportError(f'--workdir={workdir!r} has no {checkpointing.CHECKPOINT_SUBDIR}/ '
                       'directory: not a pretraining workdir')
   checkpointer = checkpointing.Checkpointer(workdir, async_save=False)
@@ -178,8 +178,7 @@ def save_flax(path: str, config, step: int, variables, with_head: bool = False):
 def read_flax_export(path: str) -> dict:
   """The raw tree of a flax export: format, version, step, model, params,
   batch_stats[, head]."""
-  with open(path, 'rb') as f:
-    tree = flax.serialization.msgpack_restore(f.read())
+  tree = flax.serialization.msgpack_restore(paths.read_bytes(path))
   if not isinstance(tree, dict) or tree.get('format') != FLAX_FORMAT:
     raise convert.WeightsError(f'{path!r} is not a moco_jax Flax export (written by '
                       '`python -m moco_jax.export --format=flax`)')
@@ -221,30 +220,25 @@ def flax_export_to_torchvision(path: str) -> dict:
 
 
 def _write(path: str, data: bytes):
-  """Writes via a temporary file, so `path` is never half-written."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(data)
-  os.replace(tmp, path)
+  """Writes all or nothing (paths.write_bytes_atomic), local or gs://."""
+  paths.write_bytes_atomic(path, data)
 
 
 def save_torchvision(path: str, flat: dict):
   """.pth (torch.save of a state_dict of tensors) or .npz, by extension."""
   if path.endswith('.npz'):
-    tmp = f'{path}.tmp{os.getpid()}.npz'
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    np.savez(tmp, **flat)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, **flat)
+    _write(path, buffer.getvalue())
     return
   torch = _torch()
   if torch is None:
     raise ExportError(f'--output={path!r} needs PyTorch (pip install torch); '
                       'or write a .npz with the same names')
   state_dict = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in flat.items()}
-  tmp = f'{path}.tmp{os.getpid()}'
-  torch.save(state_dict, tmp)
-  os.replace(tmp, path)
+  buffer = io.BytesIO()
+  torch.save(state_dict, buffer)
+  _write(path, buffer.getvalue())
 
 
 def save_detectron2(path: str, flat: dict):
@@ -264,7 +258,7 @@ def default_output(workdir: str, fmt: str, step: int, with_head: bool) -> str:
          'torchvision': '.pth' if _torch() else '.npz',
          'timm': '.pth' if _torch() else '.npz'}[fmt]
   what = 'encoder' if with_head else 'backbone'
-  return os.path.join(workdir, 'export', f'{fmt}_{what}_step{step}{ext}')
+  return paths.join(workdir, 'export', f'{fmt}_{what}_step{step}{ext}')
 
 
 def export(workdir: str, fmt: str, output: str | None = None,

@@ -19,7 +19,7 @@ MoCo v3 (ViT or ResNet models, or any ViT template):
 Every file must hold the whole backbone; a projection head is optional (the
 template's is kept when the file has none), but one that is there must fit.
 """
-import os
+import io
 import pickle
 
 import jax
@@ -27,6 +27,7 @@ import numpy as np
 from absl import logging
 
 from moco_jax import moco
+from moco_jax.runtime import paths
 from moco_jax.weights import convert
 from moco_jax.weights import export
 from moco_jax.weights import timm
@@ -47,7 +48,8 @@ def _torch_state_dict(path: str) -> dict:
     raise TorchMissingError(f'reading {path} needs PyTorch (pip install torch), '
                             'or convert it to .npz where torch is installed') from None
   try:
-    obj = torch.load(path, map_location='cpu', weights_only=True)
+    obj = torch.load(io.BytesIO(paths.read_bytes(path)), map_location='cpu',
+                     weights_only=True)
   except Exception as error:  # torch raises many types, often multi-line
     raise convert.WeightsError(f'torch.load cannot read {path}: '
                                f'{str(error).strip().splitlines()[0]}') from None
@@ -64,14 +66,14 @@ def read_weights_file(path: str) -> tuple[dict, str]:
     convert.WeightsError: no such file, or not an accepted type.
     TorchMissingError: a torch file and no torch installed.
   """
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise convert.WeightsError(f'weights file {path!r} does not exist')
   if path.endswith('.npz'):
-    with np.load(path) as data:
+    with np.load(io.BytesIO(paths.read_bytes(path))) as data:
       return dict(data), 'torchvision'
   if path.endswith('.pkl'):
-    with open(path, 'rb') as f:
-      obj = pickle.load(f)  # Detectron2's format; only load files you trust
+    # Detectron2's format; only load files you trust.
+    obj = pickle.loads(paths.read_bytes(path))
     return {k: np.asarray(v) for k, v in obj.get('model', obj).items()}, 'detectron2'
   if path.endswith('.msgpack'):
     return export.flax_export_to_torchvision(path), 'torchvision'

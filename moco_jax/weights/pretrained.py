@@ -1,7 +1,6 @@
 """A pretraining run's config and query-encoder backbone, read from its workdir."""
 import dataclasses
 import functools
-import os
 from typing import Any
 
 import jax
@@ -11,7 +10,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moco_jax import optim
-from moco_jax.runtime import checkpointing
+from moco_jax.runtime import checkpointing, paths
 from moco_jax.models import build_encoder, frozen_params
 from moco_jax.state import create_state
 
@@ -41,8 +40,8 @@ def checkpoint_step(workdir: str, step: int | None = None) -> int:
     PretrainedError (one line) when there is no such checkpoint; nothing is
     created on disk.
   """
-  directory = os.path.join(workdir, checkpointing.CHECKPOINT_SUBDIR)
-  if not os.path.isdir(directory):
+  directory = paths.join(workdir, checkpointing.CHECKPOINT_SUBDIR)
+  if not paths.isdir(directory):
     raise PretrainedError(f'{workdir!r} has no checkpoints (no {directory}); '
                           f'give a moco_jax pretraining workdir')
   checkpointer = checkpointing.Checkpointer(workdir)
