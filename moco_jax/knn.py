@@ -32,19 +32,10 @@ def usage() -> str:
 
 
 def parse_flags(argv):
-  """absl's parsing; --help exits 0; every problem is one line (exit 2)."""
-  cli.handle_help(argv, usage)
-  try:
-    argv = FLAGS(argv)
-  except Exception as error:  # absl and config_flags raise many kinds
-    cli.fail(f'invalid command line: {cli.error_line(error)}')
-  if len(argv) > 1:
-    cli.fail(f'unexpected arguments: {" ".join(argv[1:])} (flags look like --name=value)')
-  problem = cli.workdir_problem(FLAGS.workdir, must_exist=True)
-  if problem:
-    cli.fail(problem)
-  return argv
-
+  """absl's parsing: --help exits 0, every problem is one line (exit 2)."""
+  return cli.parse_command_line(
+      FLAGS, argv, usage,
+      problem=lambda: cli.workdir_problem(FLAGS.workdir, must_exist=True))
 
 def main(argv):
   del argv  # checked by parse_flags

@@ -50,21 +50,11 @@ def usage() -> str:
 
 
 def parse_flags(argv):
-  """absl's parsing; --help exits 0; every problem is one line (exit 2)."""
+  """absl's parsing: --help exits 0, every problem is one line (exit 2)."""
   from absl import flags
-  cli.handle_help(argv, usage)
-  cli.check_config_flag(argv, 'lincls')
-  try:
-    argv = flags.FLAGS(argv)
-  except Exception as error:  # absl and config_flags raise many kinds
-    cli.fail(f'invalid command line: {cli.error_line(error)}')
-  if len(argv) > 1:
-    cli.fail(f'unexpected arguments: {" ".join(argv[1:])} (flags look like --name=value)')
-  problem = cli.workdir_problem(flags.FLAGS.workdir)
-  if problem:
-    cli.fail(problem)
-  return argv
-
+  return cli.parse_command_line(
+      flags.FLAGS, argv, usage, config_kind='lincls',
+      problem=lambda: cli.workdir_problem(flags.FLAGS.workdir))
 
 def load_config():
   from absl import flags

@@ -11,7 +11,6 @@ Several processes (hosts): the same command on each, plus either
 --coordinator_address=HOST:PORT --num_processes=N --process_id=i.
 """
 import os
-import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
 
@@ -44,22 +43,10 @@ def usage() -> str:
 
 
 def parse_flags(argv):
-  """absl's parsing, with --help on stdout (exit 0) and every problem with the
-  command line as a one-line error (exit 2)."""
-  cli.handle_help(argv, usage)
-  cli.check_config_flag(argv)
-  try:
-    argv = FLAGS(argv)
-  except Exception as error:  # absl and config_flags raise many kinds
-    cli.fail(f'invalid command line: {cli.error_line(error)}')
-  if len(argv) > 1:
-    cli.fail(f'unexpected arguments: {" ".join(argv[1:])} (flags look like --name=value)')
-  if not FLAGS.show_config:
-    problem = cli.workdir_problem(FLAGS.workdir)
-    if problem:
-      cli.fail(problem)
-  return argv
-
+  """absl's parsing: --help exits 0, every problem is one line (exit 2)."""
+  return cli.parse_command_line(
+      FLAGS, argv, usage, config_kind='pretrain',
+      problem=lambda: None if FLAGS.show_config else cli.workdir_problem(FLAGS.workdir))
 
 def load_config():
   """The config file with its overrides (config_flags loads it on first access)."""

@@ -199,3 +199,27 @@ def check_config_flag(argv, kind: str = 'pretrain') -> None:
   problem = config_file_problem(flag_value(argv, 'config'), kind)
   if problem:
     fail(problem)
+
+
+def parse_command_line(flag_values, argv, usage, config_kind: str | None = None,
+                       problem=None):
+  """absl's flag parsing for our commands (an absl `flags_parser`).
+
+  --help prints `usage()` and exits 0; with `config_kind` the --config file is
+  checked before absl loads it; absl's own errors, stray arguments and
+  `problem()` (a str or None, checked after parsing, e.g. the workdir) each end
+  the program with one `error:` line, exit 2.
+  """
+  handle_help(argv, usage)
+  if config_kind:
+    check_config_flag(argv, config_kind)
+  try:
+    argv = flag_values(argv)
+  except Exception as error:  # absl and config_flags raise many kinds
+    fail(f'invalid command line: {error_line(error)}')
+  if len(argv) > 1:
+    fail(f'unexpected arguments: {" ".join(argv[1:])} (flags look like --name=value)')
+  message = problem() if problem else None
+  if message:
+    fail(message)
+  return argv
