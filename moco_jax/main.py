@@ -82,13 +82,13 @@ def main(argv):
   from moco_jax.config.checks import ConfigError
   from moco_jax.data.pipeline import DatasetError
   from moco_jax.runtime.checkpointing import CheckpointError
-  from moco_jax.runtime.health import CollapseError
+  from moco_jax.runtime.health import CollapseError, NonFiniteError
   from moco_jax.weights.convert import WeightsError
   try:
     train.train_and_evaluate(config, FLAGS.workdir, second_interrupt='exit')
   except (ConfigError, DatasetError, CheckpointError, WeightsError) as error:
     cli.fail(error)
-  except (train.NonFiniteError, CollapseError) as error:
+  except (NonFiniteError, CollapseError) as error:
     cli.fail(error, code=3)
 
 

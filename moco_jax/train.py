@@ -19,10 +19,6 @@ from moco_jax.runtime.metric_writer import MetricWriter
 from moco_jax.weights import import_weights
 
 
-class NonFiniteError(RuntimeError):
-  """The loss or the gradient became NaN or infinite."""
-
-
 def init_state(experiment: Experiment):
   """A fresh state; f_q and f_k both from `config.init_from` when set."""
   state = experiment.init_state()
@@ -56,17 +52,6 @@ def restore_or_init(experiment: Experiment, checkpointer: checkpointing.Checkpoi
           + '; '.join(problems) + '; resume with the saved values, or use a new '
           '--workdir to start over')
   return checkpointer.restore_newest_valid(experiment.abstract_state())
-
-
-def _check_finite(metrics: dict, step: int, checkpointer) -> None:
-  if all(np.isfinite(metrics[key]) for key in ('loss', 'grad_norm')):
-    return
-  good = checkpointer.all_steps()
-  raise NonFiniteError(
-      f'non-finite training detected at step {step} (loss={metrics["loss"]}, '
-      f'grad_norm={metrics["grad_norm"]}); nothing saved after it; last good '
-      f'checkpoint: {checkpointer.path(good[-1]) if good else "none"} '
-      f'(lower optim.base_lr or add optim.warmup_epochs)')
 
 
 def knn_monitor(config, experiment: Experiment):
@@ -181,7 +166,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   Raises:
     ConfigError, DatasetError, CheckpointError: before any compilation.
-    NonFiniteError: training diverged.
+    health.NonFiniteError: training diverged.
   """
   run_start = time.perf_counter()
   experiment = Experiment(config)
@@ -234,7 +219,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
         steps.step_done()
         bar.update(1)
-        _check_finite(metrics, done, checkpointer)
+        health.check_finite(metrics, done, checkpointer,
+                            'lower optim.base_lr or add optim.warmup_epochs',
+                            keys=('loss', 'grad_norm'))
         stopping = stop.requested
         if (done % config.train.log_every == 0 or done == last_step or stopping
             or steps.first_log_overdue()):

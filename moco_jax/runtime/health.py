@@ -26,7 +26,7 @@ class CollapseError(RuntimeError):
 
 
 class NonFiniteError(RuntimeError):
-  """A loss became NaN or infinite."""
+  """A loss (or, in pretraining, the gradient norm) became NaN or infinite."""
 
 
 def check_finite(metrics: dict, step: int, checkpointer, hint: str,
