@@ -261,8 +261,8 @@ def compact_names(names) -> str:
   return f'{len(names)}: ' + ', '.join(parts)
 
 
-def _mismatch_message(what, missing, unexpected, wrong_shape, flat, template,
-                      naming) -> str:
+def mismatch_problems(missing, unexpected, wrong_shape) -> list[str]:
+  """One phrase per kind of mismatch between a file's names and the model's."""
   problems = []
   if missing:
     problems.append('missing ' + compact_names(missing))
@@ -270,7 +270,13 @@ def _mismatch_message(what, missing, unexpected, wrong_shape, flat, template,
     problems.append('unexpected ' + compact_names(unexpected))
   if wrong_shape:
     problems.append(f'wrong shape {len(wrong_shape)}: ' + ', '.join(wrong_shape))
-  message = f'{what} do not fit the model: ' + '; '.join(problems)
+  return problems
+
+
+def _mismatch_message(what, missing, unexpected, wrong_shape, flat, template,
+                      naming) -> str:
+  message = (f'{what} do not fit the model: '
+             + '; '.join(mismatch_problems(missing, unexpected, wrong_shape)))
   model_names = {e.name: torch_shape(get_path(template[e.collection], e.path).shape,
                                      e.kind)
                  for e in torchvision_entries(template)}

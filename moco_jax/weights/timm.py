@@ -26,8 +26,9 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from moco_jax.weights.convert import (array_modules, compact_names, from_torch_array,
-                                      get_path, set_path, to_torch_array, torch_module_name,
+from moco_jax.weights.convert import (WeightsMismatchError, array_modules, compact_names,
+                                      from_torch_array, get_path, mismatch_problems,
+                                      set_path, to_torch_array, torch_module_name,
                                       torch_shape)
 
 COUNTER = 'num_batches_tracked'
@@ -113,7 +114,8 @@ def from_state_dict(flat: Mapping[str, Any], template, what: str = 'weights',
     New variables with template's structure and dtypes (numpy arrays).
 
   Raises:
-    ValueError: one line listing every missing, unexpected and mis-shaped key.
+    WeightsMismatchError (a ValueError): one line listing every missing,
+      unexpected and mis-shaped key.
   """
   wanted = {name: (collection, path, kind)
             for name, collection, path, kind in entries(template)}
@@ -133,15 +135,9 @@ def from_state_dict(flat: Mapping[str, Any], template, what: str = 'weights',
       continue
     set_path(variables.setdefault(collection, {}), path,
          from_torch_array(flat[name], kind).astype(like.dtype))
-  problems = []
-  if missing:
-    problems.append('missing ' + compact_names(missing))
-  if unexpected:
-    problems.append('unexpected ' + compact_names(unexpected))
-  if wrong_shape:
-    problems.append(f'wrong shape {len(wrong_shape)}: ' + ', '.join(wrong_shape))
+  problems = mismatch_problems(missing, unexpected, wrong_shape)
   if problems:
-    raise ValueError(f'{what} do not fit the model: ' + '; '.join(problems))
+    raise WeightsMismatchError(f'{what} do not fit the model: ' + '; '.join(problems))
   return variables
 
 
