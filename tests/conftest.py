@@ -90,3 +90,45 @@ def smoke_pretrain_dir(tiny_data_dir, tmp_path_factory):
   checkpointer.close()
   train.train_and_evaluate(config, workdir)                 # resumes at step 0
   return workdir
+
+
+def restored_state(config, workdir, step):
+  """The checkpoint of `workdir` at `step`, restored on the host."""
+  import jax
+  from moco_jax.experiment import Experiment
+  from moco_jax.runtime import checkpointing
+  experiment = Experiment(config)
+  checkpointer = checkpointing.Checkpointer(workdir)
+  state = checkpointer.restore(experiment.abstract_state(), step)
+  checkpointer.close()
+  return jax.device_get(state)
+
+
+def straight_and_resumed_runs(config, tmp_path, monkeypatch):
+  """Trains `config` into tmp_path/straight uninterrupted, and into
+  tmp_path/interrupted with a crash during step 3 (checkpoint 2 kept) followed
+  by a rerun that resumes; returns the two workdirs."""
+  from moco_jax import train
+  from moco_jax.data import pipeline
+  from moco_jax.runtime import checkpointing
+  straight, interrupted = str(tmp_path / 'straight'), str(tmp_path / 'interrupted')
+  train.train_and_evaluate(config, straight)
+
+  real_next, served = pipeline.TrainBatches.__next__, []
+
+  def dies_at_the_fourth_batch(batches):
+    # The loop reads batch n+1 while step n runs, after step n-1's checkpoint
+    # was started: a KeyboardInterrupt here (not Ctrl-C, which the loop turns
+    # into a stop request) hits during step 3.
+    if len(served) == 3:
+      raise KeyboardInterrupt
+    served.append(1)
+    return real_next(batches)
+
+  monkeypatch.setattr(pipeline.TrainBatches, '__next__', dies_at_the_fourth_batch)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, interrupted)
+  monkeypatch.setattr(pipeline.TrainBatches, '__next__', real_next)
+  assert checkpointing.Checkpointer(interrupted).all_steps() == [2]
+  train.train_and_evaluate(config, interrupted)             # resumes at step 2
+  return straight, interrupted

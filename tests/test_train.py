@@ -9,44 +9,16 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY_DATASET, smoke_config
+from conftest import (REPO, TINY_DATASET, restored_state, smoke_config,
+                      straight_and_resumed_runs)
 from moco_jax import train
 from moco_jax.runtime import checkpointing
-from moco_jax.data import pipeline
 from moco_jax.runtime.metric_writer import read_metrics
-from moco_jax.experiment import Experiment
-
-
-def restored_state(config, workdir, step):
-  experiment = Experiment(config)
-  checkpointer = checkpointing.Checkpointer(workdir)
-  state = checkpointer.restore(experiment.abstract_state(), step)
-  checkpointer.close()
-  return jax.device_get(state)
 
 
 def test_resume_is_exact(tiny_data_dir, tmp_path, monkeypatch):
   config = smoke_config(tiny_data_dir)
-  straight, interrupted = str(tmp_path / 'straight'), str(tmp_path / 'interrupted')
-  train.train_and_evaluate(config, straight)
-
-  real_next, served = pipeline.TrainBatches.__next__, []
-
-  def dies_at_the_fourth_batch(batches):
-    # The loop reads batch n+1 while step n runs, after step n-1's checkpoint
-    # was started: a KeyboardInterrupt here (not Ctrl-C, which the loop turns
-    # into a stop request) hits during step 3.
-    if len(served) == 3:
-      raise KeyboardInterrupt
-    served.append(1)
-    return real_next(batches)
-
-  monkeypatch.setattr(pipeline.TrainBatches, '__next__', dies_at_the_fourth_batch)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, interrupted)
-  monkeypatch.setattr(pipeline.TrainBatches, '__next__', real_next)
-  assert checkpointing.Checkpointer(interrupted).all_steps() == [2]
-  train.train_and_evaluate(config, interrupted)             # resumes at step 2
+  straight, interrupted = straight_and_resumed_runs(config, tmp_path, monkeypatch)
 
   want = restored_state(config, straight, 4)
   got = restored_state(config, interrupted, 4)

@@ -12,15 +12,13 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from conftest import smoke_config
-from moco_jax import moco, optim, train
+from conftest import restored_state, smoke_config, straight_and_resumed_runs
+from moco_jax import moco, optim
 from moco_jax.config.checks import config_problems
 from moco_jax.config.normalization import MEAN_STD
 from moco_jax.models import Encoder, ResNet, ViT, predictor, projector
-from moco_jax.runtime import checkpointing
 from moco_jax.state import create_state
 from moco_jax.train_step import make_train_step
-from moco_jax.experiment import Experiment
 
 GLOBAL_BATCH, IMAGE_SIZE, DIM, HIDDEN = 16, 16, 8, 32
 
@@ -324,32 +322,8 @@ def test_v3_smoke_config_is_valid_on_1_and_16_devices():
 # --- resume -------------------------------------------------------------------
 
 def test_v3_resume_is_exact(tiny_data_dir, tmp_path, monkeypatch):
-  from moco_jax.data import pipeline
   config = v3_smoke_config(tiny_data_dir)
-  straight, interrupted = str(tmp_path / 'straight'), str(tmp_path / 'interrupted')
-  train.train_and_evaluate(config, straight)
-  real_next, served = pipeline.TrainBatches.__next__, []
-
-  def dies_at_the_fourth_batch(batches):
-    if len(served) == 3:
-      raise KeyboardInterrupt
-    served.append(1)
-    return real_next(batches)
-
-  monkeypatch.setattr(pipeline.TrainBatches, '__next__', dies_at_the_fourth_batch)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, interrupted)
-  monkeypatch.setattr(pipeline.TrainBatches, '__next__', real_next)
-  assert checkpointing.Checkpointer(interrupted).all_steps() == [2]
-  train.train_and_evaluate(config, interrupted)
-
-  def restored(workdir):
-    experiment = Experiment(config)
-    checkpointer = checkpointing.Checkpointer(workdir)
-    state = checkpointer.restore(experiment.abstract_state(), 4)
-    checkpointer.close()
-    return jax.device_get(state)
-
-  want, got = restored(straight), restored(interrupted)
+  straight, interrupted = straight_and_resumed_runs(config, tmp_path, monkeypatch)
+  want, got = restored_state(config, straight, 4), restored_state(config, interrupted, 4)
   assert int(got.step) == 4 and got.queue is None
   assert_trees_close(want, got, rtol=1e-6, atol=1e-6)
