@@ -22,17 +22,17 @@ import ml_collections
 import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
-from tqdm import tqdm
 
 from moco_jax import augment, optim
-from moco_jax.runtime import checkpointing, health, paths, preemption
+from moco_jax.runtime import checkpointing, health, paths
+from moco_jax.runtime.loop import LoopHarness
 from moco_jax.evaluation import knn
 from moco_jax.data import inputs
 from moco_jax.weights import pretrained
 from moco_jax.config.checks import ConfigError, train_section_problems
 from moco_jax.runtime.metric_writer import MetricWriter
 from moco_jax.runtime.mesh import AXIS, make_mesh
-from moco_jax.runtime.progress import StepClock, progress
+from moco_jax.runtime.progress import progress
 from moco_jax.config.normalization import MEAN_STD
 from moco_jax.experiment import steps_per_epoch, total_steps
 
@@ -272,56 +272,40 @@ def linear_evaluation(config: ml_collections.ConfigDict, workdir: str, *,
   eval_step = make_eval_step(run.mesh, run.logits_fn)
   eval_every = config.eval.every_epochs * run.epoch_steps
   results = {}
-  bar = tqdm(total=last_step, initial=start_step, disable=not is_main, unit='step',
-             dynamic_ncols=True, desc='lincls')
   blow_up_watch = health.LossBlowUp(run.info.num_classes)
+  harness = LoopHarness(
+      'lincls', start_step, last_step, checkpointer, saved_config=config.to_dict(),
+      batch_size=config.train.batch_size, log_every=config.train.log_every,
+      checkpoint_every=config.train.checkpoint_every, writer=writer,
+      finite_hint='lower optim.base_lr', second_interrupt=second_interrupt)
+
   def next_batch():
     host = next(batches)
     return run.to_global(host['image']), run.to_global(host['label'])
 
-  stop_line = (f'error: interrupted twice: stopped at once without saving; rerun the '
-               f'same command to resume from the newest checkpoint in {checkpointer.directory}')
-  try:
-    with preemption.StopRequests(second_interrupt, stop_line) as stop:
-      steps = StepClock()
-      batch = next_batch() if start_step < last_step else None
-      for step in range(start_step, last_step):
-        state, metrics = train_step(state, backbone_vars, *batch)
-        done = step + 1
-        if done < last_step:  # read and copy the next batch while the step runs
-          batch = next_batch()
-        metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
-        steps.step_done()
-        bar.update(1)
-        health.check_finite(metrics, done, checkpointer, 'lower optim.base_lr')
-        blow_up = blow_up_watch.update(done, metrics['loss'])
-        if blow_up:
-          bar.write(blow_up)
-        stopping = stop.requested
-        if (done % config.train.log_every == 0 or done == last_step or stopping
-            or steps.first_log_overdue()):
-          rate = steps.images_per_sec(config.train.batch_size)
-          writer.write(done, dict(metrics, epoch=done / run.epoch_steps,
-                                  **({'images_per_sec': rate} if rate else {})))
-          bar.set_postfix(loss=f'{metrics["loss"]:.3f}')
-          steps.new_window()
-        if ((eval_every and done % eval_every == 0) or done == last_step) and not stopping:
-          with steps.paused():
-            results = run.evaluate(eval_step, state.params, backbone_vars, eval_batches)
-          writer.write(done, results)
-          bar.write(f'step {done}/{last_step}: lincls_top1 {results["lincls_top1"]:.2f} '
-                    f'lincls_top5 {results["lincls_top5"]:.2f}')
-        if done % config.train.checkpoint_every == 0 or done == last_step or stopping:
-          checkpointer.save(done, state, config.to_dict())
-        if stopping:
-          bar.write(f'{stop.signal_name}: saved step {done} to {checkpointer.path(done)}; '
-                    f'rerun the same command to continue')
-          return {}
-  finally:
-    bar.close()
-    checkpointer.wait()
-    checkpointer.close()
-    writer.close()
+  def watch(done, metrics):
+    blow_up = blow_up_watch.update(done, metrics['loss'])
+    if blow_up:
+      harness.write(blow_up)
+
+  def log(done, metrics, rate):
+    writer.write(done, dict(metrics, epoch=done / run.epoch_steps,
+                            **({'images_per_sec': rate} if rate else {})))
+    harness.bar.set_postfix(loss=f'{metrics["loss"]:.3f}')
+
+  def evaluate(done, state):
+    nonlocal results
+    results = run.evaluate(eval_step, state.params, backbone_vars, eval_batches)
+    writer.write(done, results)
+    harness.write(f'step {done}/{last_step}: lincls_top1 {results["lincls_top1"]:.2f} '
+                  f'lincls_top5 {results["lincls_top5"]:.2f}')
+
+  with harness:
+    state = harness.run(state, lambda s, *batch: train_step(s, backbone_vars, *batch),
+                        next_batch, log=log, evaluate=evaluate, eval_every=eval_every,
+                        watch=watch)
+  if harness.stopped_by:
+    return {}
   if not results:  # resumed a finished run
     results = run.evaluate(eval_step, state.params, backbone_vars, eval_batches)
   # As the reference's sanity check: the frozen backbone must equal the
