@@ -62,7 +62,7 @@ def knn_monitor(config, experiment: Experiment):
   """
   if config.eval.knn_every <= 0 and not config.eval.knn_at_start:
     return None
-  return knn_evaluation.KnnEvaluator(config, experiment.mesh)
+  return knn_evaluation.KnnEvaluator(config, experiment.mesh, on_device=experiment.on_device)
 
 
 def skipped_images(batches) -> int:
