@@ -45,7 +45,7 @@ def main(argv):
   from moco_jax.evaluation import knn
   from moco_jax.weights import pretrained
   from moco_jax.config.checks import ConfigError
-  from moco_jax.data.pipeline import DatasetError
+  from moco_jax.data.info import DatasetError
   from moco_jax.runtime.metric_writer import MetricWriter
   try:
     step = pretrained.checkpoint_step(FLAGS.workdir, FLAGS.step)

@@ -22,7 +22,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax/tfds info lines
   cli.import_tensorflow_quietly()
   from moco_jax.config.checks import ConfigError
-  from moco_jax.data.sources import DatasetError
+  from moco_jax.data.info import DatasetError
   from moco_jax.evaluation.linear import linear_evaluation
   from moco_jax.weights.pretrained import PretrainedError
   from moco_jax.runtime.health import NonFiniteError

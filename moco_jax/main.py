@@ -80,9 +80,10 @@ def main(argv):
   # Imported after flag parsing: JAX and TensorFlow take seconds to load.
   from moco_jax import train
   from moco_jax.config.checks import ConfigError
-  from moco_jax.data.pipeline import DatasetError
+  from moco_jax.data.info import DatasetError
   from moco_jax.runtime.checkpointing import CheckpointError
-  from moco_jax.runtime.health import CollapseError, NonFiniteError
+  from moco_jax.evaluation.collapse import CollapseError
+  from moco_jax.runtime.health import NonFiniteError
   from moco_jax.weights.convert import WeightsError
   try:
     train.train_and_evaluate(config, FLAGS.workdir, second_interrupt='exit')

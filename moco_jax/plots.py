@@ -47,7 +47,7 @@ def main(argv):
   cli.import_tensorflow_quietly()
   import jax
   from moco_jax.weights import pretrained
-  from moco_jax.data.pipeline import DatasetError
+  from moco_jax.data.info import DatasetError
   from moco_jax.runtime.metric_writer import read_metrics
   workdir = FLAGS.workdir
   written = plot_curves(read_metrics(workdir), workdir)
