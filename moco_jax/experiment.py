@@ -24,10 +24,19 @@ def compute_dtype(config):
 
 
 def steps_per_epoch(config, info: inputs.DatasetInfo) -> int:
-  """Full global batches per epoch (each process drops its remainder)."""
+  """Full global batches per epoch (each process drops its remainder).
+
+  Raises:
+    DatasetError: train.batch_size is larger than the split (no full batch).
+  """
   processes = jax.process_count()
   local_batch = config.train.batch_size // processes
-  return (info.num_examples // processes) // local_batch
+  steps = (info.num_examples // processes) // local_batch
+  if steps == 0:
+    raise DatasetError(
+        f'train.batch_size={config.train.batch_size} is larger than the '
+        f'{info.num_examples} training examples of {info.name!r}')
+  return steps
 
 
 def bn_layout(config, num_devices: int) -> dict:
@@ -118,10 +127,6 @@ class Experiment:
     self.on_device = inputs.on_device(
         config.data, self.mesh, with_eval=self.reads_eval_split)[0]
     self.epoch_steps = steps_per_epoch(config, self.info)
-    if self.epoch_steps == 0:
-      raise DatasetError(
-          f'train.batch_size={config.train.batch_size} is larger than the '
-          f'{self.info.num_examples} training examples of {self.info.name!r}')
     self.total_steps = total_steps(config, self.epoch_steps)
     self.bn_layout = bn_layout(config, self.mesh.size)
     self.schedule = optim.learning_rate_schedule(

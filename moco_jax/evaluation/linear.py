@@ -29,7 +29,6 @@ from moco_jax.runtime import checkpointing, health, paths
 from moco_jax.runtime.loop import LoopHarness
 from moco_jax.evaluation import knn
 from moco_jax.data import inputs
-from moco_jax.data.info import DatasetError
 from moco_jax.weights import pretrained
 from moco_jax.config.checks import ConfigError, train_section_problems
 from moco_jax.runtime.metric_writer import MetricWriter
@@ -174,10 +173,6 @@ class LinearEval:
       raise ConfigError('; '.join(problems))
     self.config, self.pre_config = config, pre_config
     self.epoch_steps = steps_per_epoch(config, self.info)
-    if self.epoch_steps == 0:
-      raise DatasetError(
-          f'train.batch_size={config.train.batch_size} is larger than the '
-          f'{self.info.num_examples} training examples of {self.info.name!r}')
     self.total_steps = total_steps(config, self.epoch_steps)
     # lr 30 is used as given at any batch size, as the reference does,
     # unless optim.scale_lr makes it per 256 images.
