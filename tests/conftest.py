@@ -166,3 +166,32 @@ def straight_and_resumed_runs(config, tmp_path, monkeypatch):
   assert checkpointing.Checkpointer(interrupted).all_steps() == [2]
   train.train_and_evaluate(config, interrupted)             # resumes at step 2
   return straight, interrupted
+
+
+# Under `-n auto --dist loadfile` each test file runs whole on one worker, and
+# pytest-xdist by default hands out files in order of their number of tests,
+# so the files that take longest (few tests, each a CLI run or a notebook)
+# started last and one worker finished minutes after the other. Hand out the
+# longest first instead (slowest first, from `--durations` on a 2-core CPU),
+# then the rest by number of tests, as xdist would.
+LONGEST_FILES_FIRST = ('test_readme.py', 'test_cli_errors.py', 'test_notebook.py',
+                       'test_interrupts.py', 'test_reliability.py', 'test_v3.py',
+                       'test_multihost.py', 'test_train.py')
+
+
+def pytest_configure(config):
+  if hasattr(config.option, 'loadscopereorder'):   # pytest-xdist is loaded
+    config.option.loadscopereorder = False         # keep the order made below
+
+
+def pytest_collection_modifyitems(session, config, items):
+  tests_in = {}
+  for item in items:
+    tests_in[item.path.name] = tests_in.get(item.path.name, 0) + 1
+
+  def rank(item):
+    name = item.path.name
+    first = (LONGEST_FILES_FIRST.index(name) if name in LONGEST_FILES_FIRST
+             else len(LONGEST_FILES_FIRST))
+    return first, -tests_in[name], name
+  items.sort(key=rank)                             # stable: order within a file kept
