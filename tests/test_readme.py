@@ -88,6 +88,12 @@ def adapt_paths(code, tmp, data_dir):
   return re.sub(r"(?<![\w/.])runs/", f'{tmp}/runs/', code)
 
 
+def not_set_in(command, overrides):
+  """The smoke overrides for the keys the block's command leaves to its recipe:
+  a value the block sets itself (a step count, say) stays."""
+  return [o for o in overrides if o.partition('=')[0] + '=' not in command]
+
+
 def adapt_bash(code, tmp, data_dir):
   code = code.replace('pip install -r requirements.txt -e . && ', '')  # installed already
   code = adapt_paths(code.replace('\\\n', ' '), tmp, data_dir)
@@ -99,9 +105,9 @@ def adapt_bash(code, tmp, data_dir):
     command, _, _ = line.partition('  #')
     command = re.sub(r'--output=(?!/)', f'--output={tmp}/', command)
     if re.search(r'moco_jax\.main .*--workdir', command):
-      command += ' ' + ' '.join(MAIN_SMOKE)
+      command += ' ' + ' '.join(not_set_in(command, MAIN_SMOKE))
     elif 'moco_jax.lincls' in command:
-      command += ' ' + ' '.join(LINCLS_SMOKE)
+      command += ' ' + ' '.join(not_set_in(command, LINCLS_SMOKE))
     elif 'moco_jax.plots' in command:
       command += ' --bank_size=64'
     lines.append(command)
