@@ -42,9 +42,41 @@ def build_tiny_dataset(data_dir, num_train=64, num_test=32, size=16, classes=4,
   return str(data_dir)
 
 
+def made_once_per_session(tmp_path_factory, name, make):
+  """The directory `name`, made by `make(path)` once per test session, also when
+  pytest-xdist spreads the session over worker processes: the first worker to
+  ask makes it under a file lock in the base temp dir the workers share, the
+  others wait for the lock and reuse it. Tests must not change it: one that
+  needs to change a run works on a copy (`copy_of`)."""
+  import fcntl
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    root = root.parent                  # pytest-N/, above each worker's popen-gwN/
+  path = root / name
+  with open(root / f'{name}.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)    # released when the file closes
+    done = root / f'{name}.done'
+    if not done.exists():
+      if path.exists():                 # a make() that failed in another worker
+        import shutil
+        shutil.rmtree(path)
+      path.mkdir()
+      make(str(path))
+      done.touch()
+  return str(path)
+
+
+def copy_of(directory, tmp_path):
+  """A private copy of a shared directory (a run a test is about to change)."""
+  import shutil
+  copy = os.path.join(str(tmp_path), os.path.basename(directory))
+  shutil.copytree(directory, copy)
+  return copy
+
+
 @pytest.fixture(scope='session')
 def tiny_data_dir(tmp_path_factory):
-  return build_tiny_dataset(tmp_path_factory.mktemp('tfds'))
+  return made_once_per_session(tmp_path_factory, 'tfds', build_tiny_dataset)
 
 
 def smoke_config(data_dir, **overrides):
@@ -73,23 +105,25 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 @pytest.fixture(scope='session')
 def smoke_pretrain_dir(tiny_data_dir, tmp_path_factory):
-  """A pretraining workdir of the smoke config with checkpoints at steps 0, 2, 4.
+  """A pretraining workdir of the smoke config with checkpoints at steps 0, 2, 4,
+  made once per session and shared by every test (and xdist worker) that reads
+  a finished run; read-only by convention (see made_once_per_session).
 
   Step 0 (the initialisation, saved before training) separates the tiny
   classes better than step 4, whose BN running statistics have moved only
   part of the way (momentum 0.9) towards the activations' statistics.
   """
-  from moco_jax import train
-  from moco_jax.experiment import Experiment
-  from moco_jax.runtime import checkpointing
-  workdir = str(tmp_path_factory.mktemp('pretrain'))
-  config = smoke_config(tiny_data_dir, **{'train.keep_checkpoints': 3})
-  checkpointer = checkpointing.Checkpointer(workdir, keep=3)
-  checkpointer.save(0, Experiment(config).init_state(), config.to_dict())
-  checkpointer.wait()
-  checkpointer.close()
-  train.train_and_evaluate(config, workdir)                 # resumes at step 0
-  return workdir
+  def pretrain(workdir):
+    from moco_jax import train
+    from moco_jax.experiment import Experiment
+    from moco_jax.runtime import checkpointing
+    config = smoke_config(tiny_data_dir, **{'train.keep_checkpoints': 3})
+    checkpointer = checkpointing.Checkpointer(workdir, keep=3)
+    checkpointer.save(0, Experiment(config).init_state(), config.to_dict())
+    checkpointer.wait()
+    checkpointer.close()
+    train.train_and_evaluate(config, workdir)               # resumes at step 0
+  return made_once_per_session(tmp_path_factory, 'pretrain', pretrain)
 
 
 def restored_state(config, workdir, step):
@@ -132,3 +166,32 @@ def straight_and_resumed_runs(config, tmp_path, monkeypatch):
   assert checkpointing.Checkpointer(interrupted).all_steps() == [2]
   train.train_and_evaluate(config, interrupted)             # resumes at step 2
   return straight, interrupted
+
+
+# Under `-n auto --dist loadfile` each test file runs whole on one worker, and
+# pytest-xdist by default hands out files in order of their number of tests,
+# so the files that take longest (few tests, each a CLI run or a notebook)
+# started last and one worker finished minutes after the other. Hand out the
+# longest first instead (slowest first, from `--durations` on a 2-core CPU),
+# then the rest by number of tests, as xdist would.
+LONGEST_FILES_FIRST = ('test_readme.py', 'test_cli_errors.py', 'test_notebook.py',
+                       'test_interrupts.py', 'test_reliability.py', 'test_v3.py',
+                       'test_multihost.py', 'test_train.py')
+
+
+def pytest_configure(config):
+  if hasattr(config.option, 'loadscopereorder'):   # pytest-xdist is loaded
+    config.option.loadscopereorder = False         # keep the order made below
+
+
+def pytest_collection_modifyitems(session, config, items):
+  tests_in = {}
+  for item in items:
+    tests_in[item.path.name] = tests_in.get(item.path.name, 0) + 1
+
+  def rank(item):
+    name = item.path.name
+    first = (LONGEST_FILES_FIRST.index(name) if name in LONGEST_FILES_FIRST
+             else len(LONGEST_FILES_FIRST))
+    return first, -tests_in[name], name
+  items.sort(key=rank)                             # stable: order within a file kept

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import REPO, smoke_config
+from conftest import REPO, copy_of, smoke_config
 from moco_jax.runtime import checkpointing
 from moco_jax.weights import convert
 from moco_jax.weights import export
@@ -166,10 +166,11 @@ def test_pth_without_torch_says_how_to_get_it(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope='module')
-def pretrained(tiny_data_dir, smoke_pretrain_dir):
-  """The shared smoke pretraining workdir (steps 0, 2, 4) and its final query
-  encoder variables."""
-  config, workdir = smoke_config(tiny_data_dir), smoke_pretrain_dir
+def pretrained(tiny_data_dir, smoke_pretrain_dir, tmp_path_factory):
+  """A copy of the shared smoke pretraining workdir (steps 0, 2, 4; exports
+  without --output write into it) and its final query encoder variables."""
+  config = smoke_config(tiny_data_dir)
+  workdir = copy_of(smoke_pretrain_dir, tmp_path_factory.mktemp('export'))
   experiment = Experiment(config)
   checkpointer = checkpointing.Checkpointer(workdir)
   state = jax.device_get(checkpointer.restore(experiment.abstract_state()))

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, smoke_config
+from conftest import REPO, copy_of, smoke_config
 from moco_jax.evaluation import knn
 from moco_jax.config.checks import ConfigError
 from moco_jax.runtime.metric_writer import read_metrics
@@ -153,14 +153,15 @@ def run_knn_cli(*args):
                         env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_knn_cli_appends_knn_top1_at_the_checkpoint_step(smoke_pretrain_dir):
-  result = run_knn_cli(f'--workdir={smoke_pretrain_dir}', '--step=2',
+def test_knn_cli_appends_knn_top1_at_the_checkpoint_step(smoke_pretrain_dir, tmp_path):
+  workdir = copy_of(smoke_pretrain_dir, tmp_path)    # the CLI appends to its metrics
+  result = run_knn_cli(f'--workdir={workdir}', '--step=2',
                        '--config.eval.knn_k=10', '--config.eval.batch_size=24',
                        '--config.eval.knn_features=head')
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'knn_top1' in result.stdout and 'k=10' in result.stdout
   assert 'features=head' in result.stdout
-  last = read_metrics(smoke_pretrain_dir)[-1]
+  last = read_metrics(workdir)[-1]
   assert last['step'] == 2 and 0 <= last['knn_top1'] <= 100
 
 

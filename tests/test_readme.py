@@ -1,10 +1,12 @@
-"""Every ```bash and ```python block of README.md runs, in order, with paths
+"""Every ```bash and ```python block of README.md, then of docs/*.md (in name
+order; the pages build on the README's first run), runs, in order, with paths
 adapted: `runs/` goes to a temporary folder, `../shared/tfds` to the tests'
 tiny dataset, and each training command gets smoke-sized overrides appended
 (the tiny dataset, 16×16 images, batch 16, a few steps). The adapted text of
 each block is printed. SKIPPED lists the blocks that cannot run here, with
 the reason; the test prints it.
 """
+import glob
 import os
 import re
 import subprocess
@@ -15,6 +17,7 @@ import pytest
 from conftest import REPO, TINY_DATASET
 
 README = os.path.join(REPO, 'README.md')
+PAGES = [README] + sorted(glob.glob(os.path.join(REPO, 'docs', '*.md')))
 
 # (text in the block, why it cannot run here)
 SKIPPED = [
@@ -28,12 +31,16 @@ SKIPPED = [
 ]
 # Lines left out of a block whose other lines run.
 SKIPPED_LINES = [('python -m pytest -q -n auto', 'the test suite itself')]
-NEEDS_TORCH = 'import torch'
+# A block with one of these needs torch: it imports it, or writes a .pth for a
+# later block that does.
+NEEDS_TORCH = ('import torch', '--output=backbone.pth')
 
 SMOKE = [f'--config.data.dataset={TINY_DATASET}', '--config.data.image_size=16',
          '--config.train.batch_size=16', '--config.eval.batch_size=16']
+# No width override: the CPU recipes are narrow already, and a full-width run
+# (docs/weights.md's) must stay loadable into a stock torchvision ResNet.
 MAIN_SMOKE = SMOKE + ['--config.moco.queue_size=64', '--config.train.num_steps=4',
-                      '--config.eval.knn_k=10', '--config.model.width_multiplier=0.125']
+                      '--config.eval.knn_k=10']
 LINCLS_SMOKE = SMOKE + ['--config.train.num_steps=2', '--config.train.log_every=1']
 PYTHON_SMOKE = (f"config.data.dataset = '{TINY_DATASET}'; config.data.image_size = 16; "
                 'config.train.batch_size = 16; config.moco.queue_size = 64; '
@@ -42,10 +49,16 @@ PYTHON_SMOKE = (f"config.data.dataset = '{TINY_DATASET}'; config.data.image_size
 
 
 def blocks():
-  """(language, code) of each ```bash / ```python block, in order."""
-  with open(README) as f:
-    text = f.read()
-  return re.findall(r'^```(bash|python)\n(.*?)^```', text, flags=re.MULTILINE | re.DOTALL)
+  """(page, language, code) of each ```bash / ```python block of PAGES, in order;
+  page is the path from the repository root."""
+  found = []
+  for path in PAGES:
+    with open(path) as f:
+      text = f.read()
+    page = os.path.relpath(path, REPO)
+    found += [(page, language, code) for language, code in re.findall(
+        r'^```(bash|python)\n(.*?)^```', text, flags=re.MULTILINE | re.DOTALL)]
+  return found
 
 
 def skipped_line(line):
@@ -62,7 +75,7 @@ def skip_reason(language, code):
       return why
   if language == 'bash' and all(skipped_line(line) for line in code.splitlines()):
     return skipped_line(code)
-  if NEEDS_TORCH in code:
+  if any(marker in code for marker in NEEDS_TORCH):
     try:
       import torch  # noqa: F401
     except ImportError:
@@ -73,6 +86,12 @@ def skip_reason(language, code):
 def adapt_paths(code, tmp, data_dir):
   code = code.replace('../shared/tfds', data_dir)
   return re.sub(r"(?<![\w/.])runs/", f'{tmp}/runs/', code)
+
+
+def not_set_in(command, overrides):
+  """The smoke overrides for the keys the block's command leaves to its recipe:
+  a value the block sets itself (a step count, say) stays."""
+  return [o for o in overrides if o.partition('=')[0] + '=' not in command]
 
 
 def adapt_bash(code, tmp, data_dir):
@@ -86,9 +105,9 @@ def adapt_bash(code, tmp, data_dir):
     command, _, _ = line.partition('  #')
     command = re.sub(r'--output=(?!/)', f'--output={tmp}/', command)
     if re.search(r'moco_jax\.main .*--workdir', command):
-      command += ' ' + ' '.join(MAIN_SMOKE)
+      command += ' ' + ' '.join(not_set_in(command, MAIN_SMOKE))
     elif 'moco_jax.lincls' in command:
-      command += ' ' + ' '.join(LINCLS_SMOKE)
+      command += ' ' + ' '.join(not_set_in(command, LINCLS_SMOKE))
     elif 'moco_jax.plots' in command:
       command += ' --bank_size=64'
     lines.append(command)
@@ -97,16 +116,19 @@ def adapt_bash(code, tmp, data_dir):
 
 def adapt_python(code, tmp, data_dir):
   code = adapt_paths(code, tmp, data_dir)
+  # A bare weights file name ('backbone.pth') is where a bash block's
+  # --output= wrote it, in tmp (see adapt_bash).
+  code = re.sub(r"(?<=['\"])([\w-]+\.(?:pth|pkl|npz|msgpack))(?=['\"])", tmp + r'/\1', code)
   return re.sub(r'^(.*train_and_evaluate\(config)', PYTHON_SMOKE + r'\n\1', code,
                 flags=re.MULTILINE)
 
 
 def test_the_skip_list_is_short_and_matches_blocks():
-  found = [code for _, code in blocks()]
-  print('README blocks not run here:')
+  found = [code for _, _, code in blocks()]
+  print('README and docs/ blocks not run here:')
   for marker, why in SKIPPED + SKIPPED_LINES:
     print(f'  {marker!r}: {why}')
-    assert any(marker in code for code in found), f'{marker!r} is in no README block'
+    assert any(marker in code for code in found), f'{marker!r} is in no README or docs block'
   assert len(SKIPPED) <= len(found) // 2
 
 
@@ -116,11 +138,11 @@ def workspace(tiny_data_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize('index', range(len(blocks())),
-                         ids=[f'{i}-{c.strip().splitlines()[0][:50]}'
-                              for i, (_, c) in enumerate(blocks())])
+                         ids=[f'{i}-{p}-{c.strip().splitlines()[0][:50]}'
+                              for i, (p, _, c) in enumerate(blocks())])
 def test_readme_block_runs(workspace, index):
   tmp, data_dir = workspace
-  language, code = blocks()[index]
+  _, language, code = blocks()[index]
   why = skip_reason(language, code)
   if why:
     print(f'skipped: {why}')

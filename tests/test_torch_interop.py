@@ -1,6 +1,6 @@
 """PyTorch interop: torchvision and reference MoCo weights give the same outputs.
 
-Runs only where torch and torchvision are installed (see README: a separate
+Runs only where torch and torchvision are installed (see docs/weights.md: a separate
 .venv-torch keeps the main environment light).
 """
 import jax
