@@ -6,7 +6,7 @@ shared machine's load hits both alike, medians over rounds:
   input   two-view images/s of the input alone at the config's size: the host
           pipeline (pipeline.pretrain_batches: decode, two random-resized
           crops + flips per image, uint8 batches) vs the device's gather +
-          crop + flip (device_step.make_views) from the split on the device.
+          crop + flip (data/device_batches.make_views) from the split on the device.
   step    seconds per whole training step of the config (e.g.
           configs/cifar10_cpu.py) fed by each: host batches copied to the
           device, or indices with the crops made inside the jitted step.
@@ -47,16 +47,16 @@ def _copy(config, on_device):
 
 def main(argv):
   del argv
-  from moco_jax import device_step
+  from moco_jax.data.device_batches import make_views
   from moco_jax.experiment import Experiment
   config = FLAGS.config
   host, dev = Experiment(_copy(config, False)), Experiment(_copy(config, True))
   assert dev.on_device and not host.on_device
   batch = config.train.batch_size
   host_batches, dev_batches = host.train_batches(0), dev.train_batches(0)
-  split = dev.train_batches_split()
-  views = device_step.make_views(dev.mesh, image_size=config.data.image_size,
-                                 crop_scale=config.data.crop_scale)
+  split = dev.train_split
+  views = make_views(dev.mesh, image_size=config.data.image_size,
+                     crop_scale=tuple(config.data.crop_scale))
   rng = jax.random.PRNGKey(0)
 
   def host_input():

@@ -42,12 +42,13 @@ from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from moco_jax import augment, optim, train_step
+from moco_jax import optim, train_step
+from moco_jax.augment import colour as augment
 from moco_jax.config.checks import check_config
 from moco_jax.models import build_encoder, frozen_params, is_vit
 from moco_jax.state import create_state
 from moco_jax.runtime.mesh import AXIS, make_mesh
-from moco_jax.config.normalization import MEAN_STD
+from moco_jax.augment.normalization import MEAN_STD
 
 import report  # benchmarks/ is on sys.path when run as a script
 

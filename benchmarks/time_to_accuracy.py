@@ -48,7 +48,7 @@ def time_to_accuracy(config, knn_every_epochs: float, target: float, budget_s: f
   from moco_jax.experiment import Experiment
   config.eval.knn_every, config.eval.knn_at_start = knn_every_epochs, False
   experiment = Experiment(config)
-  knn = KnnEvaluator(config, experiment.mesh)
+  knn = KnnEvaluator(config, experiment.mesh, on_device=experiment.on_device)
   every = max(1, round(knn_every_epochs * experiment.epoch_steps))
   state, step_fn = experiment.init_state(), experiment.train_step()
   batches = experiment.train_batches(0)
@@ -92,7 +92,7 @@ def time_to_accuracy(config, knn_every_epochs: float, target: float, budget_s: f
       'epochs': round(done / experiment.epoch_steps, 3), 'batch': batch,
       'knn': curve, 'device_kind': jax.devices()[0].device_kind,
       'devices': jax.device_count(), 'dtype': config.dtype,
-      'data_on_device': experiment.on_device, 'data_placement': experiment.data_placement,
+      'data_on_device': experiment.on_device,
       'dataset': config.data.dataset,
       'tensorflow_imported': 'tensorflow' in sys.modules,
   }

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moco_jax import device_step, optim, train_step
+from moco_jax import optim, train_step
 from moco_jax.config.checks import check_config
-from moco_jax.config.normalization import MEAN_STD
+from moco_jax.augment.normalization import MEAN_STD
 from moco_jax.data import inputs
 from moco_jax.models import build_encoder, frozen_params
 from moco_jax.runtime.mesh import AXIS, make_mesh
@@ -63,9 +63,11 @@ class Experiment:
     self.config = config
     self.info = inputs.dataset_info(config.data)
     self.mesh = mesh or make_mesh()
-    # data.on_device: the split on the devices, cropped in the step.
-    self.on_device, self.data_placement = inputs.on_device(
-        config.data, self.mesh, with_eval=config.eval.knn_every > 0 or config.eval.knn_at_start)
+    # data.on_device, decided once from every split the run reads (the eval
+    # split only with kNN): the input, the step and the kNN evaluator follow it.
+    self.reads_eval_split = config.eval.knn_every > 0 or config.eval.knn_at_start
+    self.on_device = inputs.on_device(
+        config.data, self.mesh, with_eval=self.reads_eval_split)[0]
     self.epoch_steps = steps_per_epoch(config, self.info)
     if self.epoch_steps == 0:
       raise inputs.DatasetError(
@@ -110,25 +112,24 @@ class Experiment:
                   schedule=self.schedule, moco_config=c.moco,
                   augment_config=dict(recipe=c.data.augment, mean=mean, std=std),
                   total_steps=self.total_steps)
-    if not self.on_device:
-      return train_step.make_train_step(self.mesh, **kwargs)
-    step = device_step.make_device_train_step(
-        self.mesh, image_size=c.data.image_size, crop_scale=tuple(c.data.crop_scale),
-        **kwargs)
-    images = self.train_batches_split().images
-    return lambda state, indices: step(state, images, indices)
+    if self.on_device:
+      kwargs.update(device_images=self.train_split.images, image_size=c.data.image_size,
+                    crop_scale=tuple(c.data.crop_scale))
+    return train_step.make_train_step(self.mesh, **kwargs)
 
-  def train_batches_split(self):
-    """The device-resident training split (data.on_device only)."""
-    from moco_jax.data import device
-    return device.device_split(self.config.data, self.config.data.train_split,
-                               self.mesh, drop_remainder=True)
+  @functools.cached_property
+  def train_split(self):
+    """The device-resident training split (data.on_device only), fetched
+    once: the step and the input iterator share it."""
+    assert self.on_device, 'the training split is on the devices only with data.on_device'
+    return inputs.train_split_on_device(self.config.data, self.mesh)
 
   def train_batches(self, start_step: int = 0):
     """This process's pretraining input from `start_step` (data/inputs.py)."""
     c = self.config
     return inputs.train_batches(c.data, c.train.batch_size // jax.process_count(),
-                                c.seed, start_step, self.mesh)
+                                c.seed, start_step,
+                                self.train_split if self.on_device else None)
 
   def step_inputs(self, batch: dict) -> tuple:
     """One batch of `train_batches` -> the step's array arguments."""

@@ -10,11 +10,11 @@ import time
 import jax
 import ml_collections
 import numpy as np
-from tqdm import tqdm
 
 from moco_jax.evaluation import knn as knn_evaluation
 from moco_jax.experiment import Experiment, describe_bn
-from moco_jax.runtime import checkpointing, health, paths, preemption, progress as clock
+from moco_jax.runtime import checkpointing, health, paths, progress as clock
+from moco_jax.runtime.loop import LoopHarness
 from moco_jax.runtime.metric_writer import MetricWriter
 from moco_jax.weights import import_weights
 
@@ -62,7 +62,7 @@ def knn_monitor(config, experiment: Experiment):
   """
   if config.eval.knn_every <= 0 and not config.eval.knn_at_start:
     return None
-  return knn_evaluation.KnnEvaluator(config, experiment.mesh)
+  return knn_evaluation.KnnEvaluator(config, experiment.mesh, on_device=experiment.on_device)
 
 
 def skipped_images(batches) -> int:
@@ -194,80 +194,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   writer = MetricWriter(workdir, enabled=is_main)
   batches = experiment.train_batches(start_step)  # host tf.data or data.on_device
   step_fn = experiment.train_step()
-  bar = tqdm(total=last_step, initial=start_step, disable=not is_main, unit='step',
-             dynamic_ncols=True, desc='pretrain')
   monitor = health.monitor_for(
       config, round(config.optim.warmup_epochs * experiment.epoch_steps),
       experiment.epoch_steps)
-  last_metrics, estimated = {}, False
+  last_metrics = {}
   bn_facts = dict(experiment.bn_layout)  # in this run's first metrics line
-  stop_line = (f'error: interrupted twice: stopped at once without saving; rerun the '
-               f'same command to resume from the newest checkpoint in '
-               f'{checkpointer.directory}')
-  try:
-    with preemption.StopRequests(second_interrupt, stop_line) as stop:
-      if knn is not None and config.eval.knn_at_start and start_step == 0:
-        last_metrics.update(_log_knn(knn, state, 0, writer, bar))
-      steps = clock.StepClock()
-      next_batch = _device_batch(experiment, batches)
-      for step in range(start_step, last_step):
-        state, metrics = step_fn(state, *next_batch)
-        done = step + 1
-        if done < last_step:  # read and copy the next batch while the step runs
-          next_batch = _device_batch(experiment, batches)
-        # Wait for this step: the host never runs ahead of the device.
-        metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
-        steps.step_done()
-        bar.update(1)
-        health.check_finite(metrics, done, checkpointer,
-                            'lower optim.base_lr or add optim.warmup_epochs',
-                            keys=('loss', 'grad_norm'))
-        stopping = stop.requested
-        if (done % config.train.log_every == 0 or done == last_step or stopping
-            or steps.first_log_overdue()):
-          skipped = skipped_images(batches)
-          if skipped > last_metrics.get('skipped_images', 0):
-            listed = write_unreadable_names(batches, workdir)
-            bar.write(f'step {done}: skipped {skipped} unreadable images so far '
-                      f'(named in {listed})')
-          last_metrics = dict(metrics, epoch=done / experiment.epoch_steps,
-                              skipped_images=skipped)
-          rate = steps.images_per_sec(config.train.batch_size)
-          if rate is not None:  # none yet when only the compiling step ran
-            last_metrics['images_per_sec'] = rate
-          writer.write(done, {**bn_facts, **last_metrics})
-          bn_facts = {}
-          _watch_collapse(monitor, done, last_metrics, config, bar)
-          bar.set_postfix(loss=f'{metrics["loss"]:.3f}',
-                          **({'img_s': f'{rate:.0f}'} if rate else {}))
-          steps.new_window()
-        if done % config.train.checkpoint_every == 0 or done == last_step or stopping:
-          checkpointer.save(done, state, config.to_dict())
-        if stopping:
-          bar.write(f'{stop.signal_name}: saved step {done} to '
-                    f'{checkpointer.path(done)}; rerun the same command to continue')
-          break
-        if not estimated and steps.estimate_ready():
-          estimated = True
-          line = clock.long_run_estimate(last_step - done, steps.seconds_per_step(),
-                                         _long_run_hint(experiment))
-          if line:
-            bar.write(line)
-        # After the save is started: it completes while the kNN pass runs.
-        if knn_every > 0 and (done % knn_every == 0 or done == last_step):
-          with steps.paused():  # not training time
-            last_metrics.update(_log_knn(knn, state, done, writer, bar))
-      else:
-        bar.close()
-        say(_finished_line(last_metrics, last_step, time.perf_counter() - run_start,
-                           checkpointer))
-  finally:
-    # Whatever stopped the loop, let a started save complete (orbax only
-    # marks it as a checkpoint once it is whole).
-    bar.close()
-    checkpointer.wait()
-    checkpointer.close()
-    writer.close()
+  harness = LoopHarness(
+      'pretrain', start_step, last_step, checkpointer, saved_config=config.to_dict(),
+      batch_size=config.train.batch_size, log_every=config.train.log_every,
+      checkpoint_every=config.train.checkpoint_every, writer=writer,
+      finite_keys=('loss', 'grad_norm'),
+      finite_hint='lower optim.base_lr or add optim.warmup_epochs',
+      second_interrupt=second_interrupt, where=_long_run_hint(experiment))
+
+  def log(done, metrics, rate):
+    nonlocal last_metrics, bn_facts
+    skipped = skipped_images(batches)
+    if skipped > last_metrics.get('skipped_images', 0):
+      listed = write_unreadable_names(batches, workdir)
+      harness.write(f'step {done}: skipped {skipped} unreadable images so far '
+                    f'(named in {listed})')
+    last_metrics = dict(metrics, epoch=done / experiment.epoch_steps,
+                        skipped_images=skipped)
+    if rate is not None:  # none yet when only the compiling step ran
+      last_metrics['images_per_sec'] = rate
+    writer.write(done, {**bn_facts, **last_metrics})
+    bn_facts = {}
+    _watch_collapse(monitor, done, last_metrics, config, harness)
+    harness.bar.set_postfix(loss=f'{metrics["loss"]:.3f}',
+                            **({'img_s': f'{rate:.0f}'} if rate else {}))
+
+  def evaluate(done, state):
+    last_metrics.update(_log_knn(knn, state, done, writer, harness))
+
+  with harness:
+    if knn is not None and config.eval.knn_at_start and start_step == 0:
+      evaluate(0, state)
+    harness.run(state, step_fn, lambda: _device_batch(experiment, batches), log=log,
+                evaluate=evaluate if knn_every > 0 else None, eval_every=knn_every)
+  if not harness.stopped_by:
+    say(_finished_line(last_metrics, last_step, time.perf_counter() - run_start,
+                       checkpointer))
   return last_metrics
 
 

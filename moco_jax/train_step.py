@@ -20,16 +20,17 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from moco_jax import augment, moco
-from moco_jax.runtime.mesh import AXIS
+from moco_jax import moco
+from moco_jax.augment import colour as augment
+from moco_jax.augment.views import device_views
+from moco_jax.runtime.mesh import AXIS, device_rows, sharded_jit
 from moco_jax.state import MoCoState
 
 
 def _example_rngs(rng, view, global_batch, local_batch):
   """This device's slice of (global_batch,) per-example keys for one view."""
-  keys = jax.random.split(jax.random.fold_in(rng, view), global_batch)
-  start = jax.lax.axis_index(AXIS) * local_batch
-  return jax.lax.dynamic_slice_in_dim(keys, start, local_batch, axis=0)
+  return device_rows(jax.random.split(jax.random.fold_in(rng, view), global_batch),
+                     local_batch)
 
 
 def step_rngs(rng, step):
@@ -174,7 +175,7 @@ def per_device_step(state: MoCoState, images_q, images_k, *, encoder, optimizer,
       'instance_top1': 100 * moco.positive_rank_accuracy(logits, 1),
       'instance_top5': 100 * moco.positive_rank_accuracy(logits, 5),
   }, AXIS)
-  # Collapse indicator, ~1/sqrt(C) when healthy (runtime/collapse.py).
+  # Collapse indicator, ~1/sqrt(C) when healthy (evaluation/collapse.py).
   metrics['feature_std'] = moco.feature_std(queries, AXIS)
   metrics['grad_norm'] = optax.tree.norm(grads)
   metrics['lr'] = jnp.asarray(schedule(state.step), jnp.float32)
@@ -185,16 +186,36 @@ def per_device_step(state: MoCoState, images_q, images_k, *, encoder, optimizer,
   return new_state, metrics
 
 
-def make_train_step(mesh: Mesh, **step_kwargs):
-  """Jitted step(state, images_q, images_k) -> (state, metrics).
+def make_train_step(mesh: Mesh, *, device_images=None, image_size: int = 0,
+                    crop_scale=(), **step_kwargs):
+  """The jitted training step; the state is replicated and donated.
 
-  The state is replicated and donated; the image batches are global arrays
-  sharded over the mesh's 'data' axis. `step_kwargs` are per_device_step's
-  keyword arguments.
+  Host input (device_images None): step(state, images_q, images_k) ->
+  (state, metrics), the two (B, S, S, 3) uint8 views global arrays sharded
+  over the mesh's 'data' axis.
+
+  Device-resident input (data.on_device): step(state, indices) ->
+  (state, metrics). device_images: global (devices · n, H, W, 3) uint8
+  sharded over AXIS, each device's block its process's split (data/device.py);
+  indices: global (B,) int32 sharded over AXIS, each process's local rows.
+  Each device gathers its rows and makes the two views (augment/views.py,
+  image_size S, crop_scale RandomResizedCrop's area range) in front of the
+  same per_device_step.
+
+  `step_kwargs` are per_device_step's keyword arguments.
   """
-  mapped = jax.shard_map(
-      functools.partial(per_device_step, **step_kwargs), mesh=mesh,
-      in_specs=(P(), P(AXIS), P(AXIS)), out_specs=(P(), P()),
-      check_vma=False)
   replicated = NamedSharding(mesh, P())
-  return jax.jit(mapped, donate_argnums=(0,), out_shardings=(replicated, replicated))
+  if device_images is None:
+    return sharded_jit(functools.partial(per_device_step, **step_kwargs), mesh,
+                       in_specs=(P(), P(AXIS), P(AXIS)), out_specs=(P(), P()),
+                       donate=(0,), out_shardings=(replicated, replicated))
+
+  def per_device(state, images, indices):
+    views_q, views_k = device_views(images, indices, state.rng, state.step,
+                                    image_size=image_size, crop_scale=crop_scale)
+    return per_device_step(state, views_q, views_k, **step_kwargs)
+
+  step = sharded_jit(per_device, mesh, in_specs=(P(), P(AXIS), P(AXIS)),
+                     out_specs=(P(), P()), donate=(0,),
+                     out_shardings=(replicated, replicated))
+  return lambda state, indices: step(state, device_images, indices)

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moco_jax import augment as A
-from moco_jax.config.normalization import MEAN_STD
+from moco_jax.augment import colour as A
+from moco_jax.augment.normalization import MEAN_STD
 
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 MEAN, STD = (np.array(v, np.float32) for v in MEAN_STD['imagenet'])

@@ -1,4 +1,4 @@
-"""RandomResizedCrop windows (host: data/crops.py, device: augment_crop.py)
+"""RandomResizedCrop windows (host: data/crops.py, device: augment/crop_window.py)
 against torchvision's `RandomResizedCrop.get_params`, re-derived in NumPy
 (and torchvision itself where installed)."""
 import functools
@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 import moco_jax
-from moco_jax import augment_crop
+from moco_jax.augment import crop_window as augment_crop
 from moco_jax.data import crops, pipeline
 
 COUNT = 20_000

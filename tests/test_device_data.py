@@ -15,7 +15,8 @@ from PIL import Image
 
 from conftest import REPO, smoke_config
 from test_crops import TOLERANCES, assert_same_distribution, statistics, tf_windows
-from moco_jax import augment_resize, device_step, train
+from moco_jax import train
+from moco_jax.augment import resize as augment_resize, views as device_views
 from moco_jax.data import device, device_batches, inputs, npz, pipeline
 from moco_jax.experiment import Experiment
 from moco_jax.runtime import checkpointing
@@ -94,7 +95,7 @@ def sampled_views(height, width, scale, steps=40, batch=500):
   windows, flips = [], []
   for step in range(steps // 2):
     for view in (0, 1):
-      keys = device_step.crop_rngs(jax.random.PRNGKey(3), step, view, batch)
+      keys = device_views.crop_rngs(jax.random.PRNGKey(3), step, view, batch)
       (top, left, h, w), flip = sample(keys, (height, width), scale)
       windows.append(np.stack([top, left, h, w], 1))
       flips.append(np.asarray(flip))

@@ -13,7 +13,7 @@ from moco_jax.config.checks import ConfigError
 from moco_jax.runtime.metric_writer import read_metrics
 from moco_jax.models import build_encoder
 from moco_jax.runtime.mesh import make_mesh
-from moco_jax.config.normalization import MEAN_STD
+from moco_jax.augment.normalization import MEAN_STD
 
 
 def reference_knn(test, bank, bank_labels, num_classes, k, temperature):

@@ -4,12 +4,14 @@ Layers, top to bottom (a module may import its own layer or lower ones):
   4 cli        main, train, knn, lincls, export, plots (the commands and the
                pretraining loop)
   3 evaluation evaluation/, weights/
-  2 core       the algorithm (state, moco, train_step, augment, augment_crop,
-               optim), data/, experiment, config/checks (it validates
-               against the algorithm's registries)
+  2 core       the algorithm (state, moco, train_step, augment/, optim),
+               data/, experiment (the one builder), config/checks (it
+               validates against the algorithm's registries)
   1 base       models/, config/, runtime/
 Besides: nothing but main imports the pretraining loop (train); the
-algorithm files and models/ import neither TensorFlow, tfds nor data/.
+algorithm files and models/ import neither TensorFlow, tfds nor data/;
+runtime/ (devices, files, checkpoints, the loop harness) imports nothing of
+moco_jax outside runtime/, so it holds no MoCo knowledge.
 """
 import ast
 import pathlib
@@ -20,15 +22,14 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'moco_jax'
 CLI, EVALUATION, CORE, BASE = 4, 3, 2, 1
 TOP_LEVEL = {
     'main': CLI, 'train': CLI, 'knn': CLI, 'lincls': CLI, 'export': CLI, 'plots': CLI,
-    'state': CORE, 'moco': CORE, 'train_step': CORE, 'augment': CORE,
-    'augment_crop': CORE, 'augment_resize': CORE, 'device_step': CORE, 'optim': CORE,
+    'state': CORE, 'moco': CORE, 'train_step': CORE, 'optim': CORE,
     'experiment': CORE,
 }
 PACKAGES = {'evaluation': EVALUATION, 'weights': EVALUATION, 'data': CORE,
-            'models': BASE, 'config': BASE, 'runtime': BASE}
+            'augment': CORE, 'models': BASE, 'config': BASE, 'runtime': BASE}
 EXCEPTIONS = {'config.checks': CORE}
-ALGORITHM = ('state', 'moco', 'train_step', 'augment', 'augment_crop', 'augment_resize',
-             'device_step', 'optim', 'models')
+ALGORITHM = ('state', 'moco', 'train_step', 'augment', 'optim', 'models')
+MAX_TOP_LEVEL_MODULES = 12
 FORBIDDEN_IN_ALGORITHM = ('tensorflow', 'tensorflow_datasets', 'moco_jax.data')
 
 
@@ -92,6 +93,8 @@ def violations(source: str, module: str) -> list[str]:
       problems.append(f'{module} (algorithm) imports moco_jax.{target}')
     if target == 'train' and module != 'main':
       problems.append(f'{module} imports the pretraining loop moco_jax.train')
+    if module.startswith('runtime') and not target.startswith('runtime'):
+      problems.append(f'{module} (runtime/) imports moco_jax.{target}')
     if layer(target) > own:
       problems.append(f'{module} (layer {own}) imports moco_jax.{target} (layer {layer(target)})')
   return problems
@@ -117,10 +120,16 @@ def test_imports_flow_down(path):
     ('import tensorflow as tf\n', 'augment', 'imports tensorflow'),
     ('def f():\n  from moco_jax.data import pipeline\n', 'train_step', 'moco_jax.data'),
     ('from moco_jax.weights.export import export\n', 'runtime.checkpointing', 'layer 1'),
+    ('from moco_jax.config import base\n', 'runtime.loop', 'runtime/'),
 ])
 def test_a_wrong_import_is_caught(source, module, expected):
   found = violations(source, module)
   assert any(expected in problem for problem in found), found
+
+
+def test_few_top_level_modules():
+  top = sorted(p.stem for p in PACKAGE.glob('*.py') if p.stem != '__init__')
+  assert len(top) <= MAX_TOP_LEVEL_MODULES, top
 
 
 def test_the_public_api_resolves():

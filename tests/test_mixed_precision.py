@@ -9,7 +9,7 @@ from moco_jax import optim
 from moco_jax.models import Encoder, ProjectionHead, ResNet
 from moco_jax.state import create_state
 from moco_jax.train_step import make_train_step
-from moco_jax.config.normalization import MEAN_STD
+from moco_jax.augment.normalization import MEAN_STD
 
 BATCH, IMAGE_SIZE, QUEUE, DIM = 16, 16, 64, 8
 OPTIM = ml_collections.ConfigDict(dict(name='sgd', base_lr=0.03, momentum=0.9,

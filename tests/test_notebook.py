@@ -15,7 +15,7 @@ import pytest
 from nbclient import NotebookClient
 
 from moco_jax.runtime.metric_writer import read_metrics
-from moco_jax.config.normalization import MEAN_STD
+from moco_jax.augment.normalization import MEAN_STD
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, 'notebooks', 'quickstart.ipynb')
@@ -66,7 +66,7 @@ def test_quickstart_runs_in_quick_mode(tmp_path):
   lincls_events = read_metrics(os.path.join(workdir, 'lincls'))
   assert any('lincls_top1' in e for e in lincls_events), lincls_events
 
-  from moco_jax import augment
+  from moco_jax.augment import colour as augment
   from moco_jax.weights import export
   from moco_jax.weights import pretrained
   config = pretrained.load_config(workdir)

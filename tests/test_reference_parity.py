@@ -31,7 +31,7 @@ from torch import nn  # noqa: E402
 from torchvision.models.resnet import BasicBlock  # noqa: E402
 
 from moco_jax import optim  # noqa: E402
-from moco_jax.config.normalization import MEAN_STD  # noqa: E402
+from moco_jax.augment.normalization import MEAN_STD  # noqa: E402
 from moco_jax.models import Encoder, ProjectionHead, ResNet  # noqa: E402
 from moco_jax.state import create_state  # noqa: E402
 from moco_jax.train_step import make_train_step, shuffle_permutations  # noqa: E402

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from moco_jax import augment, moco, optim
+from moco_jax import moco, optim
+from moco_jax.augment import colour as augment
 from moco_jax.models import Encoder, ProjectionHead, ResNet
 from moco_jax.state import create_state
 from moco_jax.train_step import make_train_step, shuffle_permutations
-from moco_jax.config.normalization import MEAN_STD
+from moco_jax.augment.normalization import MEAN_STD
 
 GLOBAL_BATCH, IMAGE_SIZE, QUEUE, DIM = 32, 16, 64, 8
 OPTIM = ml_collections.ConfigDict(dict(name='sgd', base_lr=0.03, momentum=0.9,

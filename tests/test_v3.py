@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from conftest import restored_state, smoke_config, straight_and_resumed_runs
 from moco_jax import moco, optim
 from moco_jax.config.checks import config_problems
-from moco_jax.config.normalization import MEAN_STD
+from moco_jax.augment.normalization import MEAN_STD
 from moco_jax.models import Encoder, ResNet, ViT, predictor, projector
 from moco_jax.state import create_state
 from moco_jax.train_step import make_train_step

@@ -1,12 +1,12 @@
 """Configuration checks that run before any compilation or data loading."""
-from moco_jax import augment
+from moco_jax.augment import colour as augment
 from moco_jax.models import fast_conv
 from moco_jax.models.encoder import ENCODER_HEADS, is_vit
 from moco_jax.models.resnet import ARCHS
 from moco_jax.models.vit import ARCHS as VIT_ARCHS
 from moco_jax.moco import MOMENTUM_SCHEDULES
 from moco_jax.optim import OPTIMIZERS, SCHEDULES
-from moco_jax.config.normalization import MEAN_STD
+from moco_jax.augment.normalization import MEAN_STD
 
 DTYPES = ('float32', 'bfloat16')
 KNN_FEATURES = ('backbone', 'head')

@@ -6,14 +6,13 @@ up to `num_attempts` draws of area ~ U(scale) · H · W and log aspect ratio
 the first draw with 0 < w <= W and 0 < h <= H is kept, its offsets uniform
 over every valid position (edges included). When none fits: a centre crop
 of the whole image with its aspect ratio clamped to `ratio`. The on-device
-twin is moco_jax.augment_crop.crop_windows (same distribution).
+twin is moco_jax.augment.crop_window.crop_windows (same distribution).
 """
 import math
 
 import tensorflow as tf
 
-RATIO = (3 / 4, 4 / 3)
-NUM_ATTEMPTS = 10
+from moco_jax.augment.crop_window import NUM_ATTEMPTS, RATIO
 
 
 def crop_window(image_shape, seed, scale, ratio=RATIO, num_attempts: int = NUM_ATTEMPTS):

@@ -1,13 +1,20 @@
-"""Which input a run uses: the host tf.data pipeline (data/pipeline.py) or a
-device-resident split (data/device.py), by data.on_device.
+"""Which input a run uses, decided once: the host tf.data pipeline
+(data/pipeline.py) or a device-resident split (data/device.py), by
+data.on_device and every split the run reads.
+
+The caller (experiment.Experiment for pretraining, the evaluators for a
+run of their own) calls `on_device` once and hands the answer, or the
+device split it fetched, to the iterators below, which decide nothing.
+Evaluation and labelled batches reach the evaluators as global arrays
+sharded over 'data', from either path.
 
 TensorFlow is imported only when the host pipeline or a TFDS/folder split
 is used, so an `npz:` dataset with data.on_device needs no TensorFlow.
 """
 from moco_jax.data import device, npz
 from moco_jax.data.device_batches import (DeviceEvalBatches, DeviceLabelledBatches,
-                                          DeviceTrainBatches)
-from moco_jax.data.info import DatasetError, DatasetInfo  # noqa: F401 (DatasetError re-exported)
+                                          DeviceTrainBatches, to_global_fn)
+from moco_jax.data.info import DatasetInfo
 
 # Images up to this side are evaluated resized whole (pipeline.SMALL_IMAGE_SIZE);
 # larger ones need the host's resize + centre crop.
@@ -23,48 +30,76 @@ def dataset_info(data_config, split: str | None = None) -> DatasetInfo:
 
 
 def on_device(data_config, mesh, with_eval: bool = True) -> tuple[bool, str]:
-  """(use a device-resident training split, why); see device.resolve_on_device.
-  with_eval: the run also reads data.eval_split (kNN)."""
+  """(use device-resident splits, why): THE decision of a run, made once.
+  with_eval: the run also reads data.eval_split (kNN, linear evaluation);
+  see device.resolve_on_device."""
   splits = [data_config.train_split] + ([data_config.eval_split] if with_eval else [])
   return device.resolve_on_device(data_config, mesh, splits)
 
 
-def _global_fn(mesh):
-  import jax
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  sharding = NamedSharding(mesh, P(device.AXIS))
-  return lambda local: jax.make_array_from_process_local_data(sharding, local)
+def train_split_on_device(data_config, mesh) -> device.DeviceSplit:
+  """The training split on the devices (each process its part, remainder
+  dropped): the pretraining step's and linear evaluation's data."""
+  return device.device_split(data_config, data_config.train_split, mesh,
+                             drop_remainder=True)
 
 
-def train_batches(data_config, local_batch: int, seed: int, start_step: int, mesh):
-  """Pretraining input: DeviceTrainBatches ({'indices'}) when on device, else
-  pipeline.pretrain_batches ({'images_q', 'images_k', 'label'})."""
-  if on_device(data_config, mesh)[0]:
-    split = device.device_split(data_config, data_config.train_split, mesh,
-                                drop_remainder=True)
+class GlobalBatches:
+  """A host iterator whose batches' `keys` become global arrays sharded over
+  'data' (jax.make_array_from_process_local_data); everything else (len,
+  num_examples, skipped_images…) is the wrapped iterator's. Iterating gives a
+  fresh pass of the wrapped iterable; next() advances the wrapped iterator."""
+
+  def __init__(self, batches, mesh, keys):
+    self._batches, self._keys, self._to_global = batches, keys, to_global_fn(mesh)
+
+  def _convert(self, batch: dict) -> dict:
+    return {key: self._to_global(batch[key]) for key in self._keys}
+
+  def __len__(self) -> int:
+    return len(self._batches)
+
+  def __iter__(self):
+    return (self._convert(batch) for batch in self._batches)
+
+  def __next__(self) -> dict:
+    return self._convert(next(self._batches))
+
+  def __getattr__(self, name):
+    return getattr(self._batches, name)
+
+
+def train_batches(data_config, local_batch: int, seed: int, start_step: int,
+                  split: device.DeviceSplit | None = None):
+  """Pretraining input: DeviceTrainBatches of `split` ({'indices'}) when the
+  run's training split is on the devices, else pipeline.pretrain_batches
+  ({'images_q', 'images_k', 'label'}), this process's NumPy batches."""
+  if split is not None:
     return DeviceTrainBatches(split, local_batch, seed, start_step)
   from moco_jax.data import pipeline
   return pipeline.pretrain_batches(data_config, local_batch, seed, start_step)
 
 
-def eval_batches(data_config, split: str, local_batch: int, mesh):
-  """Evaluation input of `split`: from the devices when data.on_device
-  resolves to True and data.image_size <= SMALL_IMAGE_SIZE, else the host's
-  (pipeline.eval_batches). Batches' 'image' is then a global jax.Array."""
-  if data_config.image_size <= SMALL_IMAGE_SIZE and on_device(data_config, mesh)[0]:
+def eval_batches(data_config, split: str, local_batch: int, mesh, on_device: bool):
+  """Evaluation input of `split`, batches of global arrays {'image', 'label',
+  'mask'}: from the devices when the run's decision is on_device and
+  data.image_size <= SMALL_IMAGE_SIZE, else from the host
+  (pipeline.eval_batches)."""
+  if on_device and data_config.image_size <= SMALL_IMAGE_SIZE:
     part = device.device_split(data_config, split, mesh, drop_remainder=False)
-    return DeviceEvalBatches(part, local_batch, data_config.image_size, mesh,
-                             _global_fn(mesh))
+    return DeviceEvalBatches(part, local_batch, data_config.image_size, mesh)
   from moco_jax.data import pipeline
-  return pipeline.eval_batches(data_config, split, local_batch)
+  return GlobalBatches(pipeline.eval_batches(data_config, split, local_batch), mesh,
+                       ('image', 'label', 'mask'))
 
 
-def labelled_batches(data_config, local_batch: int, seed: int, start_step: int, mesh):
-  """Linear evaluation's training input (one crop + flip per image, labels)."""
-  if on_device(data_config, mesh)[0]:
-    split = device.device_split(data_config, data_config.train_split, mesh,
-                                drop_remainder=True)
-    return DeviceLabelledBatches(split, local_batch, seed, start_step, data_config,
-                                 mesh, _global_fn(mesh))
+def labelled_batches(data_config, local_batch: int, seed: int, start_step: int, mesh,
+                     on_device: bool):
+  """Linear evaluation's training input (one crop + flip per image, labels),
+  batches of global arrays {'image', 'label'}."""
+  if on_device:
+    return DeviceLabelledBatches(train_split_on_device(data_config, mesh), local_batch,
+                                 seed, start_step, data_config, mesh)
   from moco_jax.data import pipeline
-  return pipeline.labelled_batches(data_config, local_batch, seed, start_step)
+  return GlobalBatches(pipeline.labelled_batches(data_config, local_batch, seed,
+                                                 start_step), mesh, ('image', 'label'))

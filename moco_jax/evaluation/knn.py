@@ -20,13 +20,13 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moco_jax import augment
+from moco_jax.augment import colour as augment
 from moco_jax.data import inputs
 from moco_jax.config.checks import KNN_FEATURES, ConfigError
 from moco_jax.models import build_backbone, build_encoder
-from moco_jax.runtime.mesh import AXIS
+from moco_jax.runtime.mesh import AXIS, sharded_jit
 from moco_jax.runtime.progress import progress
-from moco_jax.config.normalization import MEAN_STD
+from moco_jax.augment.normalization import MEAN_STD
 
 # Bank rows compared with an evaluation batch at a time: a (batch, chunk)
 # float32 similarity block, 16 MB for a batch of 512.
@@ -183,11 +183,13 @@ class KnnEvaluator:
   whole encoder's variables) -> {'knn_top1': percent}. The evaluation batch
   (`eval.batch_size`, global) must be divisible by the mesh size. Datasets
   are opened once, so calling it every epoch re-reads (or, with data.cache,
-  reuses) the same images.
+  reuses) the same images. on_device: the run's data.on_device decision
+  (experiment.Experiment's); None for a kNN run of its own, which decides
+  from the two splits it reads.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, mesh,
-               chunk: int = DEFAULT_CHUNK):
+               chunk: int = DEFAULT_CHUNK, on_device: bool | None = None):
     batch, devices = config.eval.batch_size, mesh.size
     if batch <= 0 or batch % devices:
       raise ConfigError(f'eval.batch_size={batch} must be a positive multiple of '
@@ -199,17 +201,18 @@ class KnnEvaluator:
       raise inputs.DatasetError(
           f'data.dataset {config.data.dataset!r} has no class labels for kNN')
     local_batch = batch // jax.process_count()
+    if on_device is None:
+      on_device = inputs.on_device(config.data, mesh, with_eval=True)[0]
     # From the devices' copy of the splits with data.on_device (inputs.py).
     self.bank_batches = inputs.eval_batches(
-        config.data, config.data.train_split, local_batch, mesh)
+        config.data, config.data.train_split, local_batch, mesh, on_device)
     self.test_batches = inputs.eval_batches(
-        config.data, config.data.eval_split, local_batch, mesh)
+        config.data, config.data.eval_split, local_batch, mesh, on_device)
     self.k = clamped_k(self.k, self.bank_batches.num_examples)
     mean, std = MEAN_STD[config.data.normalization]
     model, self.num_features = feature_model(config)
     self.use_head = knn_features(config) == 'head'
     self.features = features_fn(model, mean, std)
-    self._sharded = NamedSharding(mesh, P(AXIS))
     self._bank_sharding = NamedSharding(mesh, P(None, AXIS))
     self._store = self._make_store()
     self._classify = self._make_classify()
@@ -223,10 +226,8 @@ class KnnEvaluator:
               put(bank_labels, labels), put(bank_mask, mask))
 
     bank_spec = (P(None, AXIS),) * 3
-    mapped = jax.shard_map(
-        store, mesh=self.mesh, out_specs=bank_spec,
-        in_specs=(bank_spec, P(), P(), P(AXIS), P(AXIS), P(AXIS), P()))
-    return jax.jit(mapped, donate_argnums=(0,))
+    return sharded_jit(store, self.mesh, out_specs=bank_spec, donate=(0,), check_vma=True,
+                       in_specs=(bank_spec, P(), P(), P(AXIS), P(AXIS), P(AXIS), P()))
 
   def _make_classify(self):
     """Jitted: predictions for one global batch, from the sharded bank."""
@@ -245,16 +246,8 @@ class KnnEvaluator:
       gather = lambda x: jax.lax.all_gather(x, AXIS, tiled=True)
       return predictions, gather(labels), gather(mask)
 
-    mapped = jax.shard_map(
-        classify, mesh=self.mesh, out_specs=(P(), P(), P()),
-        in_specs=((P(None, AXIS),) * 3, P(), P(), P(AXIS), P(AXIS), P(AXIS)),
-        check_vma=False)
-    return jax.jit(mapped)
-
-  def _global(self, local):
-    if isinstance(local, jax.Array):   # already on the devices (data.on_device)
-      return local
-    return jax.make_array_from_process_local_data(self._sharded, local)
+    return sharded_jit(classify, self.mesh, out_specs=(P(), P(), P()),
+                       in_specs=((P(None, AXIS),) * 3, P(), P(), P(AXIS), P(AXIS), P(AXIS)))
 
   def bank(self, params, batch_stats):
     """Features of the whole training split, sharded over devices.
@@ -271,8 +264,8 @@ class KnnEvaluator:
                     out_shardings=(self._bank_sharding,) * 3)
     bank = zeros()
     for index, batch in enumerate(progress(self.bank_batches, 'kNN bank')):
-      bank = self._store(bank, params, batch_stats, self._global(batch['image']),
-                         self._global(batch['label']), self._global(batch['mask']),
+      bank = self._store(bank, params, batch_stats, batch['image'], batch['label'],
+                         batch['mask'],
                          jnp.int32(index))
       bank[2].block_until_ready()  # the bar counts computed batches
     return bank
@@ -283,8 +276,7 @@ class KnnEvaluator:
     labels, predictions = [], []
     for batch in progress(self.test_batches, 'kNN queries'):
       predicted, label, mask = jax.device_get(self._classify(
-          bank, params, batch_stats, self._global(batch['image']),
-          self._global(batch['label']), self._global(batch['mask'])))
+          bank, params, batch_stats, batch['image'], batch['label'], batch['mask']))
       labels.append(label[mask])
       predictions.append(predicted[mask])
     return np.concatenate(labels), np.concatenate(predictions)

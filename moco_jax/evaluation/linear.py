@@ -22,18 +22,19 @@ import ml_collections
 import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
-from tqdm import tqdm
 
-from moco_jax import augment, optim
-from moco_jax.runtime import checkpointing, health, paths, preemption
+from moco_jax import optim
+from moco_jax.augment import colour as augment
+from moco_jax.runtime import checkpointing, health, paths
+from moco_jax.runtime.loop import LoopHarness
 from moco_jax.evaluation import knn
 from moco_jax.data import inputs
 from moco_jax.weights import pretrained
 from moco_jax.config.checks import ConfigError, train_section_problems
 from moco_jax.runtime.metric_writer import MetricWriter
-from moco_jax.runtime.mesh import AXIS, make_mesh
-from moco_jax.runtime.progress import StepClock, progress
-from moco_jax.config.normalization import MEAN_STD
+from moco_jax.runtime.mesh import AXIS, make_mesh, sharded_jit
+from moco_jax.runtime.progress import progress
+from moco_jax.augment.normalization import MEAN_STD
 from moco_jax.experiment import steps_per_epoch, total_steps
 
 
@@ -112,9 +113,8 @@ def make_train_step(mesh, logits_fn, optimizer, schedule):
     return LinearState(params=optax.apply_updates(state.params, updates),
                        opt_state=opt_state, step=state.step + 1), metrics
 
-  mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P(AXIS), P(AXIS)),
-                         out_specs=(P(), P()), check_vma=False)
-  return jax.jit(mapped, donate_argnums=(0,))
+  return sharded_jit(step, mesh, in_specs=(P(), P(), P(AXIS), P(AXIS)),
+                     out_specs=(P(), P()), donate=(0,))
 
 
 def make_eval_step(mesh, logits_fn):
@@ -128,9 +128,8 @@ def make_eval_step(mesh, logits_fn):
                          'top5': jnp.sum(jnp.any(hits, axis=1) & mask),
                          'count': jnp.sum(mask)}, AXIS)
 
-  mapped = jax.shard_map(step, mesh=mesh, out_specs=P(), check_vma=False,
-                         in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS)))
-  return jax.jit(mapped)
+  return sharded_jit(step, mesh, out_specs=P(),
+                     in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS)))
 
 
 def check_backbone_unchanged(backbone_vars, reference_vars) -> None:
@@ -189,7 +188,6 @@ class LinearEval:
     mean, std = MEAN_STD[config.data.normalization]
     self.logits_fn = _logits_fn(knn.backbone_from_config(pre_config),
                                 self.head, mean, std)
-    self.batch_sharding = NamedSharding(self.mesh, P(AXIS))
     self.replicated = NamedSharding(self.mesh, P())
     self.checkpointer = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
 
@@ -211,18 +209,12 @@ class LinearEval:
     return jax.jit(create, out_shardings=self.replicated)(
         jax.random.PRNGKey(self.config.seed))
 
-  def to_global(self, local):
-    if isinstance(local, jax.Array):   # already on the devices (data.on_device)
-      return local
-    return jax.make_array_from_process_local_data(self.batch_sharding, local)
-
   def evaluate(self, eval_step, head_params, backbone_vars, batches) -> dict:
     """{'lincls_top1', 'lincls_top5'}: percent of data.eval_split."""
     totals = {'top1': 0, 'top5': 0, 'count': 0}
     for batch in progress(batches, 'lincls eval'):
       counts = jax.device_get(eval_step(
-          head_params, backbone_vars, self.to_global(batch['image']),
-          self.to_global(batch['label']), self.to_global(batch['mask'])))
+          head_params, backbone_vars, batch['image'], batch['label'], batch['mask']))
       totals = {key: totals[key] + int(counts[key]) for key in totals}
     return {f'lincls_{key}': 100.0 * totals[key] / totals['count']
             for key in ('top1', 'top5')}
@@ -263,65 +255,51 @@ def linear_evaluation(config: ml_collections.ConfigDict, workdir: str, *,
     say(f'lincls: resumed from step {start_step} of {checkpointer.path(start_step)}')
   writer = MetricWriter(workdir, enabled=is_main)
   processes = jax.process_count()
-  # From the devices' copy of the splits with data.on_device (inputs.py).
-  batches = inputs.labelled_batches(
-      config.data, config.train.batch_size // processes, config.seed, start_step, run.mesh)
-  eval_batches = inputs.eval_batches(
-      config.data, config.data.eval_split, config.eval.batch_size // processes, run.mesh)
+  # data.on_device, decided once from both splits the run reads (inputs.py).
+  on_device = inputs.on_device(config.data, run.mesh, with_eval=True)[0]
+  batches = inputs.labelled_batches(config.data, config.train.batch_size // processes,
+                                    config.seed, start_step, run.mesh, on_device)
+  eval_batches = inputs.eval_batches(config.data, config.data.eval_split,
+                                     config.eval.batch_size // processes, run.mesh,
+                                     on_device)
   train_step = make_train_step(run.mesh, run.logits_fn, run.optimizer, run.schedule)
   eval_step = make_eval_step(run.mesh, run.logits_fn)
   eval_every = config.eval.every_epochs * run.epoch_steps
   results = {}
-  bar = tqdm(total=last_step, initial=start_step, disable=not is_main, unit='step',
-             dynamic_ncols=True, desc='lincls')
   blow_up_watch = health.LossBlowUp(run.info.num_classes)
-  def next_batch():
-    host = next(batches)
-    return run.to_global(host['image']), run.to_global(host['label'])
+  harness = LoopHarness(
+      'lincls', start_step, last_step, checkpointer, saved_config=config.to_dict(),
+      batch_size=config.train.batch_size, log_every=config.train.log_every,
+      checkpoint_every=config.train.checkpoint_every, writer=writer,
+      finite_hint='lower optim.base_lr', second_interrupt=second_interrupt)
 
-  stop_line = (f'error: interrupted twice: stopped at once without saving; rerun the '
-               f'same command to resume from the newest checkpoint in {checkpointer.directory}')
-  try:
-    with preemption.StopRequests(second_interrupt, stop_line) as stop:
-      steps = StepClock()
-      batch = next_batch() if start_step < last_step else None
-      for step in range(start_step, last_step):
-        state, metrics = train_step(state, backbone_vars, *batch)
-        done = step + 1
-        if done < last_step:  # read and copy the next batch while the step runs
-          batch = next_batch()
-        metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
-        steps.step_done()
-        bar.update(1)
-        health.check_finite(metrics, done, checkpointer, 'lower optim.base_lr')
-        blow_up = blow_up_watch.update(done, metrics['loss'])
-        if blow_up:
-          bar.write(blow_up)
-        stopping = stop.requested
-        if (done % config.train.log_every == 0 or done == last_step or stopping
-            or steps.first_log_overdue()):
-          rate = steps.images_per_sec(config.train.batch_size)
-          writer.write(done, dict(metrics, epoch=done / run.epoch_steps,
-                                  **({'images_per_sec': rate} if rate else {})))
-          bar.set_postfix(loss=f'{metrics["loss"]:.3f}')
-          steps.new_window()
-        if ((eval_every and done % eval_every == 0) or done == last_step) and not stopping:
-          with steps.paused():
-            results = run.evaluate(eval_step, state.params, backbone_vars, eval_batches)
-          writer.write(done, results)
-          bar.write(f'step {done}/{last_step}: lincls_top1 {results["lincls_top1"]:.2f} '
-                    f'lincls_top5 {results["lincls_top5"]:.2f}')
-        if done % config.train.checkpoint_every == 0 or done == last_step or stopping:
-          checkpointer.save(done, state, config.to_dict())
-        if stopping:
-          bar.write(f'{stop.signal_name}: saved step {done} to {checkpointer.path(done)}; '
-                    f'rerun the same command to continue')
-          return {}
-  finally:
-    bar.close()
-    checkpointer.wait()
-    checkpointer.close()
-    writer.close()
+  def next_batch():
+    batch = next(batches)
+    return batch['image'], batch['label']
+
+  def watch(done, metrics):
+    blow_up = blow_up_watch.update(done, metrics['loss'])
+    if blow_up:
+      harness.write(blow_up)
+
+  def log(done, metrics, rate):
+    writer.write(done, dict(metrics, epoch=done / run.epoch_steps,
+                            **({'images_per_sec': rate} if rate else {})))
+    harness.bar.set_postfix(loss=f'{metrics["loss"]:.3f}')
+
+  def evaluate(done, state):
+    nonlocal results
+    results = run.evaluate(eval_step, state.params, backbone_vars, eval_batches)
+    writer.write(done, results)
+    harness.write(f'step {done}/{last_step}: lincls_top1 {results["lincls_top1"]:.2f} '
+                  f'lincls_top5 {results["lincls_top5"]:.2f}')
+
+  with harness:
+    state = harness.run(state, lambda s, *batch: train_step(s, backbone_vars, *batch),
+                        next_batch, log=log, evaluate=evaluate, eval_every=eval_every,
+                        watch=watch)
+  if harness.stopped_by:
+    return {}
   if not results:  # resumed a finished run
     results = run.evaluate(eval_step, state.params, backbone_vars, eval_batches)
   # As the reference's sanity check: the frozen backbone must equal the

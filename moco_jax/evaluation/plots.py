@@ -16,7 +16,7 @@ matplotlib.use('Agg')  # files only, no display
 import matplotlib.pyplot as plt
 import numpy as np
 
-from moco_jax.config.normalization import MEAN_STD
+from moco_jax.augment.normalization import MEAN_STD
 from moco_jax.runtime import paths
 
 
@@ -75,7 +75,7 @@ def augmented_views(config, num_images: int, seed: int = 0):
     (view_q, view_k): float (num_images, S, S, 3) RGB in [0, 1].
   """
   import jax
-  from moco_jax import augment
+  from moco_jax.augment import colour as augment
   from moco_jax.data import pipeline
   batch = next(pipeline.pretrain_batches(config.data, num_images, seed))
   mean, std = MEAN_STD[config.data.normalization]

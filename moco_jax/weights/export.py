@@ -32,7 +32,7 @@ from moco_jax.weights import convert, portable, timm
 from moco_jax.models import build_encoder, frozen_params, is_vit, resnet
 from moco_jax.models.vit import vit
 from moco_jax.state import create_state
-from moco_jax.config.normalization import MEAN_STD
+from moco_jax.augment.normalization import MEAN_STD
 
 FORMATS = ('flax', 'torchvision', 'detectron2', 'timm')
 FLAX_FORMAT = 'moco_jax.backbone'

@@ -1,6 +1,6 @@
 """Random-resized crop + horizontal flip on the device, per example.
 
-torchvision's RandomResizedCrop: a window from `augment_crop.crop_windows`,
+torchvision's RandomResizedCrop: a window from `crop_window.crop_windows`,
 cut out and resized to S×S with antialiased bilinear interpolation (PIL's
 and torchvision's `antialias=True`: a triangle filter whose support widens
 by the downscaling factor, weights renormalised inside the window), then
@@ -15,7 +15,7 @@ Pure JAX, no TensorFlow: this runs inside the jitted step.
 import jax
 import jax.numpy as jnp
 
-from moco_jax import augment_crop
+from moco_jax.augment import crop_window
 
 
 def axis_weights(start, size, in_len: int, out_len: int):
@@ -61,13 +61,13 @@ def resized_crop(image, window, size: int, flip=False):
 
 def sample_views(example_rngs, image_hw, scale):
   """Each example's crop window and flip: (top, left, h, w) (N,) int32 each
-  and flip (N,) bool; window from augment_crop.crop_windows, flip ~ B(0.5).
+  and flip (N,) bool; window from crop_window.crop_windows, flip ~ B(0.5).
 
   example_rngs: (N,) keys; image_hw: (H, W); scale: (low, high) floats.
   """
   def one(rng):
     crop_rng, flip_rng = jax.random.split(rng)
-    return (augment_crop.crop_windows(crop_rng, image_hw, scale),
+    return (crop_window.crop_windows(crop_rng, image_hw, scale),
             jax.random.bernoulli(flip_rng))
   return jax.vmap(one)(example_rngs)
 

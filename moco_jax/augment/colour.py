@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moco_jax.config.normalization import MEAN_STD
+from moco_jax.augment.normalization import MEAN_STD
 
 RECIPES = ('v1', 'v2', 'v3', 'cifar', 'none')
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL and torchvision
