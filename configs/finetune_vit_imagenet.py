@@ -25,10 +25,10 @@ main.py defaults (facebookresearch/deit, the 2021 version moco-v3 used):
 | batch 64 per GPU                   | train.batch_size 1024 (global)          |
 | 300 epochs default                 | 150 (moco-v3's ViT-B run)               |
 
-The missing RandAugment is the largest difference: DeiT's own ablation
-(arXiv:2012.12877 Table 8) loses 0.3-1.4 points without RandAugment or
-repeated augmentation at 300 epochs from scratch; fine-tuning from MoCo
-weights should lose less, unmeasured here.
+The missing RandAugment and repeated augmentation are the largest
+differences: DeiT's ablation (arXiv:2012.12877, Table 8) shows both matter
+when training from scratch; their effect on a fine-tune from MoCo weights is
+not measured here. docs/transfer.md lists the same table.
 
 python -m moco_jax.finetune --config=configs/finetune_vit_imagenet.py \
     --workdir=runs/vit_b_ft --config.pretrained=vit-b-300ep.pth.tar \

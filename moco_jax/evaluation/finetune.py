@@ -30,18 +30,19 @@ import ml_collections
 import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
-from tqdm import tqdm
 
-from moco_jax import augment, optim
+from moco_jax import optim
+from moco_jax.augment import colour as augment
 from moco_jax.config.checks import ConfigError, train_section_problems
 from moco_jax.config.finetune import BN_MODES, START_POINTS
 from moco_jax.data import inputs
 from moco_jax.evaluation import finetune_augment, layers
 from moco_jax.models import build_backbone, is_vit
-from moco_jax.runtime import checkpointing, health, paths, preemption
-from moco_jax.runtime.mesh import AXIS, make_mesh
+from moco_jax.runtime import checkpointing, health, paths
+from moco_jax.runtime.loop import LoopHarness
+from moco_jax.runtime.mesh import AXIS, make_mesh, sharded_jit
 from moco_jax.runtime.metric_writer import MetricWriter
-from moco_jax.runtime.progress import StepClock, progress
+from moco_jax.runtime.progress import progress
 from moco_jax.weights import pretrained, start_point
 from moco_jax.experiment import steps_per_epoch, total_steps
 
@@ -82,6 +83,8 @@ def config_problems(config, num_devices: int, num_classes: int) -> list[str]:
                       f'{num_devices} devices')
   if config.init not in START_POINTS:
     problems.append(f'init={config.init!r} is not one of {", ".join(START_POINTS)}')
+  if config.dtype not in ('float32', 'bfloat16'):
+    problems.append(f"dtype={config.dtype!r} is not 'float32' or 'bfloat16'")
   if config.finetune.bn not in BN_MODES:
     problems.append(f'finetune.bn={config.finetune.bn!r} is not one of {", ".join(BN_MODES)}')
   if num_classes <= 0:
@@ -159,7 +162,6 @@ class Finetune:
     self.head_warmup_steps = int(round(config.finetune.head_warmup_epochs *
                                        self.epoch_steps))
     self.replicated = NamedSharding(self.mesh, P())
-    self.batch_sharding = NamedSharding(self.mesh, P(AXIS))
     abstract = jax.eval_shape(self._create, jax.random.PRNGKey(0))
     try:
       self.scales = layers.update_scales(abstract.params, config.finetune.freeze_to,
@@ -212,18 +214,14 @@ class Finetune:
       return self.init_state()
     return self.checkpointer.restore(self.abstract)
 
-  def to_global(self, local):
-    if isinstance(local, jax.Array):   # already on the devices (data.on_device)
-      return local
-    return jax.make_array_from_process_local_data(self.batch_sharding, local)
-
   def train_step(self):
     """Jitted (state, images, labels) -> (state, metrics); images (B, S, S, 3)
     uint8 and labels (B,) sharded over 'data', the state replicated and donated."""
     config, model, optimizer = self.config, self.model, self.optimizer
     ft, num_classes = config.finetune, self.info.num_classes
     mean, std = self.start.mean, self.start.std
-    bn_train = ft.bn == 'train'
+    # A ViT (no batch statistics) always runs in training mode: its drop-path.
+    bn_train = ft.bn == 'train' or not self.bn_scales
     scales, bn_scales = self.scales, self.bn_scales
     is_backbone = layers.backbone_mask(scales)
     bn_is_backbone = layers.backbone_mask(bn_scales)
@@ -275,9 +273,8 @@ class Finetune:
                            batch_stats=batch_stats, opt_state=opt_state,
                            step=state.step + 1), metrics
 
-    mapped = jax.shard_map(step, mesh=self.mesh, in_specs=(P(), P(AXIS), P(AXIS)),
-                           out_specs=(P(), P()), check_vma=False)
-    return jax.jit(mapped, donate_argnums=(0,))
+    return sharded_jit(step, self.mesh, in_specs=(P(), P(AXIS), P(AXIS)),
+                       out_specs=(P(), P()), donate=(0,))
 
   def eval_step(self):
     """Jitted (params, batch_stats, images, labels, mask) -> {'top1', 'top5',
@@ -293,17 +290,15 @@ class Finetune:
                            'top5': jnp.sum(jnp.any(hits, axis=1) & mask),
                            'count': jnp.sum(mask)}, AXIS)
 
-    mapped = jax.shard_map(step, mesh=self.mesh, out_specs=P(), check_vma=False,
-                           in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS)))
-    return jax.jit(mapped)
+    return sharded_jit(step, self.mesh, out_specs=P(),
+                       in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS)))
 
   def evaluate(self, eval_step, state, batches) -> dict:
     """{'finetune_top1', 'finetune_top5'}: percent of data.eval_split."""
     totals = {'top1': 0, 'top5': 0, 'count': 0}
     for batch in progress(batches, 'finetune eval'):
-      counts = jax.device_get(eval_step(
-          state.params, state.batch_stats, self.to_global(batch['image']),
-          self.to_global(batch['label']), self.to_global(batch['mask'])))
+      counts = jax.device_get(eval_step(state.params, state.batch_stats, batch['image'],
+                                        batch['label'], batch['mask']))
       totals = {key: totals[key] + int(counts[key]) for key in totals}
     return {f'finetune_{key}': 100.0 * totals[key] / totals['count']
             for key in ('top1', 'top5')}
@@ -377,66 +372,51 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, *,
         f'{last_step} steps')
   writer = MetricWriter(workdir, enabled=is_main)
   processes = jax.process_count()
-  batches = inputs.labelled_batches(
-      config.data, config.train.batch_size // processes, config.seed, start_step, run.mesh)
-  eval_batches = inputs.eval_batches(
-      config.data, config.data.eval_split, config.eval.batch_size // processes, run.mesh)
+  # data.on_device, decided once from both splits the run reads (inputs.py).
+  on_device = inputs.on_device(config.data, run.mesh, with_eval=True)[0]
+  batches = inputs.labelled_batches(config.data, config.train.batch_size // processes,
+                                    config.seed, start_step, run.mesh, on_device)
+  eval_batches = inputs.eval_batches(config.data, config.data.eval_split,
+                                     config.eval.batch_size // processes, run.mesh,
+                                     on_device)
   train_step, eval_step = run.train_step(), run.eval_step()
   eval_every = int(round(config.eval.every_epochs * run.epoch_steps))
   results, best = {}, _best(workdir)
-  bar = tqdm(total=last_step, initial=start_step, disable=not is_main, unit='step',
-             dynamic_ncols=True, desc='finetune')
   blow_up_watch = health.LossBlowUp(run.info.num_classes)
+  harness = LoopHarness(
+      'finetune', start_step, last_step, checkpointer, saved_config=config.to_dict(),
+      batch_size=config.train.batch_size, log_every=config.train.log_every,
+      checkpoint_every=config.train.checkpoint_every, writer=writer,
+      finite_hint='lower optim.base_lr', second_interrupt=second_interrupt)
 
   def next_batch():
-    host = next(batches)
-    return run.to_global(host['image']), run.to_global(host['label'])
+    batch = next(batches)
+    return batch['image'], batch['label']
 
-  stop_line = (f'error: interrupted twice: stopped at once without saving; rerun the '
-               f'same command to resume from the newest checkpoint in {checkpointer.directory}')
-  try:
-    with preemption.StopRequests(second_interrupt, stop_line) as stop:
-      steps = StepClock()
-      batch = next_batch() if start_step < last_step else None
-      for step in range(start_step, last_step):
-        state, metrics = train_step(state, *batch)
-        done = step + 1
-        if done < last_step:  # read and copy the next batch while the step runs
-          batch = next_batch()
-        metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
-        steps.step_done()
-        bar.update(1)
-        health.check_finite(metrics, done, checkpointer, 'lower optim.base_lr')
-        blow_up = blow_up_watch.update(done, metrics['loss'])
-        if blow_up:
-          bar.write(blow_up)
-        stopping = stop.requested
-        if (done % config.train.log_every == 0 or done == last_step or stopping
-            or steps.first_log_overdue()):
-          rate = steps.images_per_sec(config.train.batch_size)
-          writer.write(done, dict(metrics, epoch=done / run.epoch_steps,
-                                  **({'images_per_sec': rate} if rate else {})))
-          bar.set_postfix(loss=f'{metrics["loss"]:.3f}')
-          steps.new_window()
-        if ((eval_every and done % eval_every == 0) or done == last_step) and not stopping:
-          with steps.paused():
-            results = run.evaluate(eval_step, state, eval_batches)
-          best = max(best, results['finetune_top1'])
-          results['finetune_best_top1'] = best
-          writer.write(done, results)
-          bar.write(f'step {done}/{last_step}: finetune_top1 {results["finetune_top1"]:.2f} '
-                    f'top5 {results["finetune_top5"]:.2f} (best {best:.2f})')
-        if done % config.train.checkpoint_every == 0 or done == last_step or stopping:
-          checkpointer.save(done, state, config.to_dict())
-        if stopping:
-          bar.write(f'{stop.signal_name}: saved step {done} to {checkpointer.path(done)}; '
-                    f'rerun the same command to continue')
-          return {}
-  finally:
-    bar.close()
-    checkpointer.wait()
-    checkpointer.close()
-    writer.close()
+  def watch(done, metrics):
+    blow_up = blow_up_watch.update(done, metrics['loss'])
+    if blow_up:
+      harness.write(blow_up)
+
+  def log(done, metrics, rate):
+    writer.write(done, dict(metrics, epoch=done / run.epoch_steps,
+                            **({'images_per_sec': rate} if rate else {})))
+    harness.bar.set_postfix(loss=f'{metrics["loss"]:.3f}')
+
+  def evaluate(done, state):
+    nonlocal results, best
+    results = run.evaluate(eval_step, state, eval_batches)
+    best = max(best, results['finetune_top1'])
+    results['finetune_best_top1'] = best
+    writer.write(done, results)
+    harness.write(f'step {done}/{last_step}: finetune_top1 {results["finetune_top1"]:.2f} '
+                  f'top5 {results["finetune_top5"]:.2f} (best {best:.2f})')
+
+  with harness:
+    state = harness.run(state, train_step, next_batch, log=log, evaluate=evaluate,
+                        eval_every=eval_every, watch=watch)
+  if harness.stopped_by:
+    return {}
   if not results:  # resumed a finished run
     results = run.evaluate(eval_step, state, eval_batches)
     results['finetune_best_top1'] = max(best, results['finetune_top1'])

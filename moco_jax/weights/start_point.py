@@ -13,7 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from moco_jax.config.normalization import MEAN_STD
+from moco_jax.augment.normalization import MEAN_STD
 from moco_jax.models import build_backbone
 from moco_jax.runtime import paths
 from moco_jax.weights import export, import_weights, pretrained
@@ -24,8 +24,7 @@ MODEL_KEYS = ('arch', 'width_multiplier', 'cifar_stem')
 
 @dataclasses.dataclass(frozen=True)
 class StartPoint:
-  """model: a `model` section (arch, width_multiplier, cifar_stem,
-  stop_grad_conv1); mean, std: per-channel normalisation on the 0-255 scale;
+  """model: a `model` section (arch, width_multiplier, cifar_stem); mean, std: per-channel normalisation on the 0-255 scale;
   variables: the backbone's {'params', 'batch_stats'} (NumPy), None for a
   random start; description: one line for logs; step: the checkpoint's step
   (-1 when not a workdir)."""
@@ -37,11 +36,10 @@ class StartPoint:
   step: int = -1
 
 
-def _model_section(arch: str, width_multiplier: float, cifar_stem: bool,
-                   stop_grad_conv1: bool = False) -> ml_collections.ConfigDict:
+def _model_section(arch: str, width_multiplier: float,
+                   cifar_stem: bool) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
-      arch=arch, width_multiplier=float(width_multiplier), cifar_stem=bool(cifar_stem),
-      stop_grad_conv1=bool(stop_grad_conv1)))
+      arch=arch, width_multiplier=float(width_multiplier), cifar_stem=bool(cifar_stem)))
 
 
 def _check_arch(config, model) -> None:
@@ -98,9 +96,10 @@ def resolve(config: ml_collections.ConfigDict, mesh, with_weights: bool = True) 
   if paths.isdir(source):
     step = pretrained.checkpoint_step(source, config.pretrained_step)
     run_config = pretrained.load_config(source, step)
+    # Pretraining's frozen patch projection (stop_grad_conv1) is not carried
+    # over: fine-tuning trains it, as moco-v3 does in DeiT.
     model = _model_section(run_config.model.arch, run_config.model.width_multiplier,
-                           run_config.model.cifar_stem,
-                           run_config.model.get('stop_grad_conv1', False))
+                           run_config.model.cifar_stem)
     _check_arch(config, model)
     mean, std = _normalization(config, run_config.data.normalization)
     variables = None
