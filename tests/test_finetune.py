@@ -223,3 +223,14 @@ def test_random_erasing_fills_one_box_of_the_allowed_size():
     assert 0.02 * 256 * 0.5 <= box <= 256 / 3 * 1.5   # U(0.02, 1/3) of the area, rounded
   untouched = finetune_augment.random_erasing(jax.random.PRNGKey(1), images, 0.0)
   assert np.array_equal(untouched, images)
+
+
+@pytest.mark.parametrize('name', sorted(
+    os.path.basename(p) for p in os.listdir(os.path.join(REPO, 'configs'))
+    if p.startswith('finetune_')))
+def test_shipped_finetune_configs_are_valid(name):
+  spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(REPO, 'configs', name))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  assert finetune.config_problems(config, num_devices=8, num_classes=10) == []

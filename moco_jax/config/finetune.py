@@ -86,7 +86,7 @@ def finetune_base_config() -> ml_collections.ConfigDict:
   c.train.batch_size = 256
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.every_epochs = 1          # top-1/top-5 on data.eval_split; 0 = only at the end
+  c.eval.every_epochs = 1.0        # top-1/top-5 on data.eval_split; 0 = only at the end
   c.eval.batch_size = 512          # global
   return c
 
