@@ -1,7 +1,7 @@
 """Fine-tuning on CIFAR-10 that finishes in minutes on 2 CPU cores (the transfer page's protocol).
 
 The whole network (the quickstart's ResNet-18 x0.125, or any start point)
-plus a new linear head, trained end to end for a fixed budget of 200 steps
+plus a new linear head, trained end to end for a fixed budget of 100 steps
 of batch 128 whatever the labelled fraction: SGD momentum 0.9, lr 0.1 per
 256 images (0.05 at 128), wd 5e-4, cosine to 0, no warm-up, BN in train
 mode, RandomResizedCrop(32, 0.08-1) + flip, no mixup or smoothing: the CIFAR
@@ -20,8 +20,8 @@ from moco_jax.config.finetune import finetune_base_config
 def get_config():
   c = finetune_base_config()
   c.train.batch_size = 128
-  c.train.num_steps = 200
+  c.train.num_steps = 100
   c.train.log_every = 10
-  c.train.checkpoint_every = 100
+  c.train.checkpoint_every = 50
   c.eval.every_epochs = 0          # only at the end
   return c

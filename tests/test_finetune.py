@@ -234,3 +234,32 @@ def test_shipped_finetune_configs_are_valid(name):
   spec.loader.exec_module(module)
   config = module.get_config()
   assert finetune.config_problems(config, num_devices=8, num_classes=10) == []
+
+
+def test_every_start_point_gives_the_same_backbone(smoke_pretrain_dir, tiny_data_dir, tmp_path):
+  from moco_jax.weights import export, start_point
+  mesh = finetune.make_mesh()
+  config = finetune_config(smoke_pretrain_dir, tiny_data_dir)
+  from_workdir = start_point.resolve(config, mesh)
+  flax_file = export.export(smoke_pretrain_dir, 'flax', str(tmp_path / 'backbone.msgpack'))
+  npz_file = export.export(smoke_pretrain_dir, 'torchvision', str(tmp_path / 'backbone.npz'))
+  from_flax = start_point.resolve(finetune_config(flax_file, tiny_data_dir), mesh)
+  official = finetune_config(npz_file, tiny_data_dir, **{
+      'model.arch': 'resnet18', 'model.width_multiplier': 0.125, 'model.cifar_stem': True,
+      'data.normalization': 'cifar10'})
+  from_npz = start_point.resolve(official, mesh)
+  assert from_flax.model.to_dict() == from_workdir.model.to_dict()
+  assert (from_flax.mean, from_flax.std) == (from_workdir.mean, from_workdir.std)
+  assert (from_npz.mean, from_npz.std) == (from_workdir.mean, from_workdir.std)
+  want = jax.tree_util.tree_leaves_with_path(from_workdir.variables)
+  for other in (from_flax.variables, from_npz.variables):
+    got = jax.tree_util.tree_leaves_with_path(other)
+    assert [p for p, _ in got] == [p for p, _ in want]
+    for (path, a), (_, b) in zip(got, want):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
+  random = start_point.resolve(finetune_config(smoke_pretrain_dir, tiny_data_dir,
+                                               init='random'), mesh)
+  assert random.variables is None and random.model.to_dict() == from_workdir.model.to_dict()
+  with pytest.raises(pretrained.PretrainedError, match="model.arch='resnet50' but"):
+    start_point.resolve(finetune_config(smoke_pretrain_dir, tiny_data_dir,
+                                        **{'model.arch': 'resnet50'}), mesh)
