@@ -90,7 +90,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   import tensorflow as tf
-  from moco_jax.data.pipeline import DatasetError
+  from moco_jax.data.info import DatasetError
   config = FLAGS.config
   cores = len(os.sched_getaffinity(0))
   result = {'benchmark': 'input_throughput',

@@ -45,9 +45,9 @@ from ml_collections import config_flags
 from moco_jax import optim, train_step
 from moco_jax.augment import colour as augment
 from moco_jax.config.checks import check_config
-from moco_jax.models import build_encoder, frozen_params, is_vit
-from moco_jax.state import create_state
-from moco_jax.runtime.mesh import AXIS, make_mesh
+from moco_jax.experiment import build_encoder_and_optimizer, state_initializer
+from moco_jax.models import is_vit
+from moco_jax.runtime.mesh import AXIS, make_mesh, sharded_jit
 from moco_jax.augment.normalization import MEAN_STD
 
 import report  # benchmarks/ is on sys.path when run as a script
@@ -68,7 +68,6 @@ PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12,
               'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12}
 # Fixed schedule length: the lr value does not change the step's cost.
 STEPS_PER_EPOCH, TOTAL_STEPS = 100, 10_000
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def peak_flops(device_kind: str):
@@ -110,13 +109,10 @@ def supervised_step(state, images, labels, *, model, optimizer, mean, std):
 
 
 def make_supervised_step(mesh, **kwargs):
-  mapped = jax.shard_map(
-      functools.partial(supervised_step, **kwargs), mesh=mesh,
-      in_specs=(P(), P(AXIS), P(AXIS)),
-      out_specs=(P(), P()), check_vma=False)
   replicated = NamedSharding(mesh, P())
-  return jax.jit(mapped, donate_argnums=(0,),
-                 out_shardings=(replicated, replicated))
+  return sharded_jit(functools.partial(supervised_step, **kwargs), mesh,
+                     in_specs=(P(), P(AXIS), P(AXIS)), out_specs=(P(), P()),
+                     donate=(0,), out_shardings=(replicated, replicated))
 
 
 def compile_step(step, *args):
@@ -173,15 +169,11 @@ def build_moco(config, mesh):
     raise SystemExit(f'error: moco.bn_groups={c.moco.bn_groups} is not a multiple '
                      f'of the {mesh.size} devices')
   groups = max(c.moco.bn_groups // mesh.size, 1)   # per device
-  encoder = build_encoder(c.model, groups, DTYPES[c.dtype], c.model.conv_impl,
-                          image_size=c.data.image_size, axis_name=AXIS)
   schedule = optim.learning_rate_schedule(c.optim, c.train.batch_size,
                                           STEPS_PER_EPOCH, TOTAL_STEPS)
-  optimizer = optim.build_optimizer(c.optim, schedule, frozen_params(c.model))
+  encoder, optimizer = build_encoder_and_optimizer(c, groups, schedule, axis_name=AXIS)
   replicated = NamedSharding(mesh, P())
-  init = functools.partial(
-      create_state, encoder, optimizer, image_size=c.data.image_size,
-      queue_size=c.moco.queue_size, dim=c.model.dim, bn_groups=groups)
+  init = state_initializer(c, encoder, optimizer, groups)
   state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(c.seed))
   mean, std = MEAN_STD[c.data.normalization]
   step = train_step.make_train_step(

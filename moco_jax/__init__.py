@@ -19,7 +19,7 @@ _PUBLIC = {
     'build_encoder': ('moco_jax.models', 'build_encoder'),
     'resnet': ('moco_jax.models', 'resnet'),
     'ResNet': ('moco_jax.models', 'ResNet'),
-    'crop_window': ('moco_jax.data.pipeline', 'crop_window'),
+    'crop_window': ('moco_jax.data.crops', 'crop_window'),
 }
 __all__ = sorted(_PUBLIC)
 

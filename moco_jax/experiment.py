@@ -6,12 +6,14 @@ import functools
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moco_jax import optim, train_step
 from moco_jax.config.checks import check_config
 from moco_jax.augment.normalization import MEAN_STD
 from moco_jax.data import inputs
+from moco_jax.data.info import DatasetError
 from moco_jax.models import build_encoder, frozen_params
 from moco_jax.runtime.mesh import AXIS, make_mesh
 from moco_jax.state import create_state
@@ -22,10 +24,19 @@ def compute_dtype(config):
 
 
 def steps_per_epoch(config, info: inputs.DatasetInfo) -> int:
-  """Full global batches per epoch (each process drops its remainder)."""
+  """Full global batches per epoch (each process drops its remainder).
+
+  Raises:
+    DatasetError: train.batch_size is larger than the split (no full batch).
+  """
   processes = jax.process_count()
   local_batch = config.train.batch_size // processes
-  return (info.num_examples // processes) // local_batch
+  steps = (info.num_examples // processes) // local_batch
+  if steps == 0:
+    raise DatasetError(
+        f'train.batch_size={config.train.batch_size} is larger than the '
+        f'{info.num_examples} training examples of {info.name!r}')
+  return steps
 
 
 def bn_layout(config, num_devices: int) -> dict:
@@ -55,6 +66,53 @@ def total_steps(config, epoch_steps: int) -> int:
   return config.train.num_epochs * epoch_steps
 
 
+def build_encoder_and_optimizer(config, bn_groups_per_device: int, schedule,
+                                axis_name: str | None = None):
+  """(models.Encoder, optax optimiser) of a pretraining config: THE builder
+  that training, the benchmarks and the checkpoint readers share.
+
+  bn_groups_per_device: BN groups of one device's batch (training layout;
+  1 to read a checkpoint: grouping never changes shapes). schedule: step ->
+  lr (its values never change the optimiser state's structure). axis_name:
+  the mapped axis the v3 heads' SyncBN averages over (None outside a step).
+  """
+  encoder = build_encoder(config.model, bn_groups_per_device, compute_dtype(config),
+                          config.model.conv_impl, image_size=config.data.image_size,
+                          axis_name=axis_name)
+  optimizer = optim.build_optimizer(config.optim, schedule, frozen_params(config.model))
+  return encoder, optimizer
+
+
+def state_initializer(config, encoder, optimizer, bn_groups_per_device: int = 1):
+  """rng -> a fresh MoCoState (state.create_state with the config's sizes)."""
+  return functools.partial(
+      create_state, encoder, optimizer, image_size=config.data.image_size,
+      queue_size=config.moco.queue_size, dim=config.model.dim,
+      bn_groups=bn_groups_per_device)
+
+
+def abstract_state(config, sharding=None, *, encoder=None, optimizer=None,
+                   bn_groups_per_device: int = 1):
+  """Shapes, dtypes and shardings of a config's MoCoState, computing nothing:
+  THE template every checkpoint restore reads into.
+
+  Without encoder/optimizer it needs neither the dataset nor the run's
+  devices (export, load_pretrained, tests): the encoder and optimiser of
+  build_encoder_and_optimizer with one BN group and a constant schedule.
+  sharding: of every leaf (default: the first CPU device).
+  """
+  if encoder is None:
+    encoder, optimizer = build_encoder_and_optimizer(config, 1,
+                                                     optax.constant_schedule(0.0))
+  if sharding is None:
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices(backend='cpu')[0])
+  shapes = jax.eval_shape(state_initializer(config, encoder, optimizer,
+                                            bn_groups_per_device),
+                          jax.random.PRNGKey(config.seed))
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                      shapes)
+
+
 class Experiment:
   """Everything derived from a config that the loop and evaluators share."""
 
@@ -69,40 +127,27 @@ class Experiment:
     self.on_device = inputs.on_device(
         config.data, self.mesh, with_eval=self.reads_eval_split)[0]
     self.epoch_steps = steps_per_epoch(config, self.info)
-    if self.epoch_steps == 0:
-      raise inputs.DatasetError(
-          f'train.batch_size={config.train.batch_size} is larger than the '
-          f'{self.info.num_examples} training examples of {self.info.name!r}')
     self.total_steps = total_steps(config, self.epoch_steps)
     self.bn_layout = bn_layout(config, self.mesh.size)
-    # The v3 heads' SyncBN averages statistics over the step's 'data' axis.
-    self.encoder = build_encoder(config.model, self.bn_layout['bn_groups_per_device'],
-                                 compute_dtype(config), config.model.conv_impl,
-                                 image_size=config.data.image_size, axis_name=AXIS)
     self.schedule = optim.learning_rate_schedule(
         config.optim, config.train.batch_size, self.epoch_steps, self.total_steps)
-    self.optimizer = optim.build_optimizer(config.optim, self.schedule,
-                                           frozen_params(config.model))
+    # The v3 heads' SyncBN averages statistics over the step's 'data' axis.
+    self.encoder, self.optimizer = build_encoder_and_optimizer(
+        config, self.bn_layout['bn_groups_per_device'], self.schedule, axis_name=AXIS)
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P(AXIS))
 
   def init_state(self):
     """A fresh replicated state from config.seed."""
-    c = self.config
-    init = functools.partial(
-        create_state, self.encoder, self.optimizer, image_size=c.data.image_size,
-        queue_size=c.moco.queue_size, dim=c.model.dim, bn_groups=self.bn_layout['bn_groups_per_device'])
-    return jax.jit(init, out_shardings=self.replicated)(jax.random.PRNGKey(c.seed))
+    init = state_initializer(self.config, self.encoder, self.optimizer,
+                             self.bn_layout['bn_groups_per_device'])
+    return jax.jit(init, out_shardings=self.replicated)(jax.random.PRNGKey(self.config.seed))
 
   def abstract_state(self):
-    """Shapes, dtypes and shardings of the state, without computing it."""
-    c = self.config
-    shapes = jax.eval_shape(functools.partial(
-        create_state, self.encoder, self.optimizer, image_size=c.data.image_size,
-        queue_size=c.moco.queue_size, dim=c.model.dim, bn_groups=self.bn_layout['bn_groups_per_device']),
-        jax.random.PRNGKey(c.seed))
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(
-        s.shape, s.dtype, sharding=self.replicated), shapes)
+    """Shapes, dtypes and shardings (replicated) of the state, without computing it."""
+    return abstract_state(self.config, self.replicated, encoder=self.encoder,
+                          optimizer=self.optimizer,
+                          bn_groups_per_device=self.bn_layout['bn_groups_per_device'])
 
   def train_step(self):
     """step(state, *self.step_inputs(batch)) -> (state, metrics)."""

@@ -19,11 +19,16 @@ from moco_jax.runtime import cli
 from moco_jax.runtime.mesh import make_mesh
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'A moco_jax pretraining workdir.')
-flags.DEFINE_integer('step', -1, 'Checkpoint step to evaluate; -1: the newest.')
-# Only the overridden values are used, applied to the checkpoint's config.
-config_flags.DEFINE_config_dict('config', base_config(),
-                                'Overrides of the saved config, e.g. --config.eval.knn_k=20.')
+
+
+def define_flags():
+  """Command-line flags; defined only when run as a program, so importing
+  this module next to another absl program does not clash."""
+  flags.DEFINE_string('workdir', None, 'A moco_jax pretraining workdir.')
+  flags.DEFINE_integer('step', -1, 'Checkpoint step to evaluate; -1: the newest.')
+  # Only the overridden values are used, applied to the checkpoint's config.
+  config_flags.DEFINE_config_dict('config', base_config(),
+                                  'Overrides of the saved config, e.g. --config.eval.knn_k=20.')
 
 
 def usage() -> str:
@@ -45,7 +50,7 @@ def main(argv):
   from moco_jax.evaluation import knn
   from moco_jax.weights import pretrained
   from moco_jax.config.checks import ConfigError
-  from moco_jax.data.pipeline import DatasetError
+  from moco_jax.data.info import DatasetError
   from moco_jax.runtime.metric_writer import MetricWriter
   try:
     step = pretrained.checkpoint_step(FLAGS.workdir, FLAGS.step)
@@ -66,4 +71,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main, flags_parser=parse_flags)

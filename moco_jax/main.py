@@ -20,18 +20,25 @@ from ml_collections import config_flags
 from moco_jax.runtime import cli
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Path to a config file (a recipe '
-                                'in configs/).', lock_config=True)
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
-flags.DEFINE_bool('show_config', False, 'Print the resolved config and exit.')
-flags.DEFINE_bool('distributed', False,
-                  'Join a multi-process run that JAX detects by itself (Cloud '
-                  'TPU pod, SLURM, Open MPI); run the same command on every host.')
-flags.DEFINE_string('coordinator_address', None,
-                    'HOST:PORT of process 0 for a multi-process run started by '
-                    'hand (with --num_processes and --process_id).')
-flags.DEFINE_integer('num_processes', None, 'Processes in the multi-process run.')
-flags.DEFINE_integer('process_id', None, "This process's index, 0…num_processes-1.")
+
+
+def define_flags():
+  """Command-line flags; defined only when run as a program, so importing
+  this module next to another absl program does not clash."""
+  config_flags.DEFINE_config_file('config', None, 'Path to a config file (a recipe '
+                                  'in configs/).', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
+  flags.DEFINE_bool('show_config', False, 'Print the resolved config and exit.')
+  flags.DEFINE_bool('distributed', False,
+                    'Join a multi-process run that JAX detects by itself (Cloud '
+                    'TPU pod, SLURM, Open MPI); run the same command on every host.')
+  flags.DEFINE_string('coordinator_address', None,
+                      'HOST:PORT of process 0 for a multi-process run started by '
+                      'hand (with --num_processes and --process_id).')
+  flags.DEFINE_integer('num_processes', None, 'Processes in the multi-process run.')
+  flags.DEFINE_integer('process_id', None, "This process's index, 0…num_processes-1.")
+
+
 FLAG_NAMES = ('config', 'workdir', 'show_config', 'distributed', 'coordinator_address',
               'num_processes', 'process_id')
 
@@ -80,9 +87,10 @@ def main(argv):
   # Imported after flag parsing: JAX and TensorFlow take seconds to load.
   from moco_jax import train
   from moco_jax.config.checks import ConfigError
-  from moco_jax.data.pipeline import DatasetError
+  from moco_jax.data.info import DatasetError
   from moco_jax.runtime.checkpointing import CheckpointError
-  from moco_jax.runtime.health import CollapseError, NonFiniteError
+  from moco_jax.evaluation.collapse import CollapseError
+  from moco_jax.runtime.health import NonFiniteError
   from moco_jax.weights.convert import WeightsError
   try:
     train.train_and_evaluate(config, FLAGS.workdir, second_interrupt='exit')
@@ -93,4 +101,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main, flags_parser=parse_flags)

@@ -19,14 +19,21 @@ from moco_jax.runtime import cli, paths
 from moco_jax.runtime.mesh import make_mesh
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'A moco_jax pretraining workdir.')
-flags.DEFINE_integer('step', -1, 'Checkpoint for the pictures; -1: the newest.')
-flags.DEFINE_integer('num_images', 8, 'Images in the views and retrieval grids.')
-flags.DEFINE_integer('neighbours', 8, 'Neighbours shown per retrieval query.')
-flags.DEFINE_integer('bank_size', 50_000, 'Training images searched for neighbours '
-                     '(the first ones of the split).')
-config_flags.DEFINE_config_dict('config', base_config(),
-                                'Overrides of the saved config, e.g. --config.data.data_dir=...')
+
+
+def define_flags():
+  """Command-line flags; defined only when run as a program, so importing
+  this module next to another absl program does not clash."""
+  flags.DEFINE_string('workdir', None, 'A moco_jax pretraining workdir.')
+  flags.DEFINE_integer('step', -1, 'Checkpoint for the pictures; -1: the newest.')
+  flags.DEFINE_integer('num_images', 8, 'Images in the views and retrieval grids.')
+  flags.DEFINE_integer('neighbours', 8, 'Neighbours shown per retrieval query.')
+  flags.DEFINE_integer('bank_size', 50_000, 'Training images searched for neighbours '
+                       '(the first ones of the split).')
+  config_flags.DEFINE_config_dict('config', base_config(),
+                                  'Overrides of the saved config, e.g. --config.data.data_dir=...')
+
+
 FLAG_NAMES = ('workdir', 'step', 'num_images', 'neighbours', 'bank_size')
 
 
@@ -47,7 +54,7 @@ def main(argv):
   cli.import_tensorflow_quietly()
   import jax
   from moco_jax.weights import pretrained
-  from moco_jax.data.pipeline import DatasetError
+  from moco_jax.data.info import DatasetError
   from moco_jax.runtime.metric_writer import read_metrics
   workdir = FLAGS.workdir
   written = plot_curves(read_metrics(workdir), workdir)
@@ -72,4 +79,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main, flags_parser=parse_flags)

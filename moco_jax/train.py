@@ -11,9 +11,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from moco_jax.evaluation import knn as knn_evaluation
+from moco_jax.config import resume_rules
+from moco_jax.config.checks import queue_warning
+from moco_jax.evaluation import collapse, knn as knn_evaluation
 from moco_jax.experiment import Experiment, describe_bn
-from moco_jax.runtime import checkpointing, health, paths, progress as clock
+from moco_jax.runtime import checkpointing, paths, progress as clock
 from moco_jax.runtime.loop import LoopHarness
 from moco_jax.runtime.metric_writer import MetricWriter
 from moco_jax.weights import import_weights
@@ -45,7 +47,7 @@ def restore_or_init(experiment: Experiment, checkpointer: checkpointing.Checkpoi
   except Exception:  # unreadable: restore_newest_valid deals with it
     saved = None
   if saved is not None:
-    problems = checkpointing.incompatibilities(saved, experiment.config.to_dict())
+    problems = resume_rules.incompatibilities(saved, experiment.config.to_dict())
     if problems:
       raise checkpointing.CheckpointError(
           f'cannot resume from {checkpointer.directory}: '
@@ -91,15 +93,15 @@ def _watch_collapse(monitor, step: int, metrics: dict, config, progress) -> None
   if warning is None:
     return
   progress.write(warning)
-  if config.train.get('stop_on_collapse', False):
-    raise health.CollapseError(
+  if config.train.stop_on_collapse:
+    raise collapse.CollapseError(
         f'stopped at step {step} (train.stop_on_collapse), nothing saved after '
         f'the last checkpoint: {warning[len("warning: "):]}')
 
 
 def _queue_warning(config, experiment) -> str | None:
-  keys_per_step = config.train.batch_size * (2 if config.moco.get('symmetric', False) else 1)
-  return health.queue_warning(config.moco.queue_size,
+  keys_per_step = config.train.batch_size * (2 if config.moco.symmetric else 1)
+  return queue_warning(config.moco.queue_size,
                               experiment.epoch_steps * config.train.batch_size,
                               keys_per_step)
 
@@ -166,7 +168,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   Raises:
     ConfigError, DatasetError, CheckpointError: before any compilation.
-    health.NonFiniteError: training diverged.
+    runtime.health.NonFiniteError: training diverged.
   """
   run_start = time.perf_counter()
   experiment = Experiment(config)
@@ -194,7 +196,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   writer = MetricWriter(workdir, enabled=is_main)
   batches = experiment.train_batches(start_step)  # host tf.data or data.on_device
   step_fn = experiment.train_step()
-  monitor = health.monitor_for(
+  monitor = collapse.monitor_for(
       config, round(config.optim.warmup_epochs * experiment.epoch_steps),
       experiment.epoch_steps)
   last_metrics = {}

@@ -10,6 +10,7 @@ from PIL import Image
 
 from conftest import smoke_config
 from moco_jax.data import sources
+from moco_jax.data.info import DatasetError
 from moco_jax.data import pipeline
 from moco_jax.runtime.metric_writer import read_metrics
 
@@ -156,7 +157,7 @@ def test_a_folder_of_unreadable_images_is_a_clear_error(tmp_path):
       (tmp_path / name / f'{index}.jpg').write_bytes(b'not a jpeg')
   config = folder_config(str(tmp_path), **{'data.image_size': 16})
   batches = pipeline.pretrain_batches(config.data, 2, seed=0)
-  with pytest.raises(sources.DatasetError, match='no readable image among its 2'):
+  with pytest.raises(DatasetError, match='no readable image among its 2'):
     next(batches)
 
 
@@ -177,7 +178,7 @@ def test_unusable_folders_are_clear_errors(tmp_path, layout, message):
     (root / 'cat').mkdir()
     (root / 'cat' / 'readme.txt').write_text('x')
   config = folder_config(str(root))
-  with pytest.raises(sources.DatasetError, match=message):
+  with pytest.raises(DatasetError, match=message):
     sources.dataset_info(config.data)
 
 
@@ -188,12 +189,12 @@ def test_eval_split_subfolders(tmp_path):
   config = folder_config(str(root))
   assert sources.dataset_info(config.data).num_examples == 6
   assert sources.dataset_info(config.data, 'val').num_examples == 3
-  with pytest.raises(sources.DatasetError, match="no folder for split 'validation'"):
+  with pytest.raises(DatasetError, match="no folder for split 'validation'"):
     sources.dataset_info(config.data, 'validation')
   (root / 'val' / 'unicorn').mkdir()
   _save(str(root / 'val' / 'unicorn' / 'a.png'), np.zeros((4, 4, 3), np.uint8), 'PNG')
   sources._scan.cache_clear()
-  with pytest.raises(sources.DatasetError, match='unicorn'):
+  with pytest.raises(DatasetError, match='unicorn'):
     sources.dataset_info(config.data, 'val')
 
 

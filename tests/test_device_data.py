@@ -18,6 +18,7 @@ from test_crops import TOLERANCES, assert_same_distribution, statistics, tf_wind
 from moco_jax import train
 from moco_jax.augment import resize as augment_resize, views as device_views
 from moco_jax.data import device, device_batches, inputs, npz, pipeline
+from moco_jax.data.info import DatasetError
 from moco_jax.experiment import Experiment
 from moco_jax.runtime import checkpointing
 from moco_jax.runtime.metric_writer import read_metrics
@@ -261,17 +262,17 @@ def test_auto_and_bad_values(tiny_data_dir, tiny_npz):
   auto.data.on_device_max_fraction = 1e-12
   assert not inputs.on_device(auto.data, mesh)[0]
   auto.data.dataset = f'npz:{tiny_npz}'
-  with pytest.raises(inputs.DatasetError, match='on_device_max_fraction'):
+  with pytest.raises(DatasetError, match='on_device_max_fraction'):
     inputs.on_device(auto.data, mesh)
   off = smoke_config(tiny_data_dir, **{'data.dataset': f'npz:{tiny_npz}'})
-  with pytest.raises(inputs.DatasetError, match='data.on_device=True'):
+  with pytest.raises(DatasetError, match='data.on_device=True'):
     inputs.on_device(off.data, mesh)
   off.data.on_device = 'yes'
-  with pytest.raises(inputs.DatasetError, match="data.on_device='yes'"):
+  with pytest.raises(DatasetError, match="data.on_device='yes'"):
     inputs.on_device(off.data, mesh)
   missing = smoke_config(tiny_data_dir, **{'data.dataset': f'npz:{tiny_npz}x',
                                            'data.on_device': True})
-  with pytest.raises(inputs.DatasetError, match='is not a file'):
+  with pytest.raises(DatasetError, match='is not a file'):
     inputs.dataset_info(missing.data)
 
 

@@ -10,7 +10,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from moco_jax import moco
-from moco_jax.runtime import checkpointing, health
+from moco_jax.config.checks import queue_warning
+from moco_jax.evaluation import collapse
+from moco_jax.runtime import checkpointing
 from moco_jax.runtime.mesh import AXIS, make_mesh
 from moco_jax.runtime.metric_writer import read_metrics
 from test_train import run_cli
@@ -54,9 +56,9 @@ def test_feature_std_over_devices_equals_numpy():
 
 
 def test_collapse_monitor_warns_once_after_patience():
-  chance = health.chance_loss(64, 16)
+  chance = collapse.chance_loss(64, 16)
   assert chance == pytest.approx(math.log(65))
-  monitor = health.CollapseMonitor(dim=16, chance=chance, grace_steps=10, causes='x')
+  monitor = collapse.CollapseMonitor(dim=16, chance=chance, grace_steps=10, causes='x')
   healthy = {'feature_std': 0.2, 'loss': 3.0}
   collapsed = {'feature_std': 0.001, 'loss': 3.0}
   assert monitor.update(1, healthy) is None
@@ -67,22 +69,22 @@ def test_collapse_monitor_warns_once_after_patience():
   assert lines[2].startswith('warning: representation collapse at step 7: feature_std 0.001')
   assert 'lr too high, no warm-up, bfloat16' in lines[2] and '\n' not in lines[2]
   # The loss at chance counts only after the grace steps.
-  monitor = health.CollapseMonitor(dim=16, chance=chance, grace_steps=10, causes='x')
+  monitor = collapse.CollapseMonitor(dim=16, chance=chance, grace_steps=10, causes='x')
   at_chance = {'feature_std': 0.2, 'loss': chance * 1.005}
   assert all(monitor.update(s, at_chance) is None for s in range(1, 11))
   assert [monitor.update(s, at_chance) is None for s in (11, 12, 13)] == [True, True, False]
 
 
 def test_queue_warning_when_k_reaches_the_epoch():
-  assert health.queue_warning(64, 65, 16) is None
-  line = health.queue_warning(64, 64, 16)
+  assert queue_warning(64, 65, 16) is None
+  line = queue_warning(64, 64, 16)
   assert 'moco.queue_size=64 is at least the 64 training images' in line
   assert '--config.moco.queue_size=32' in line
-  assert health.queue_warning(4096, 100, 32).endswith(
+  assert queue_warning(4096, 100, 32).endswith(
       '--config.moco.queue_size=32, or more data')
-  assert health.queue_warning(0, 10, 16) is None            # v3: no queue
+  assert queue_warning(0, 10, 16) is None            # v3: no queue
   # One batch per epoch: no multiple of the batch fits below it.
-  assert 'use a smaller train.batch_size or more data' in health.queue_warning(64, 16, 16)
+  assert 'use a smaller train.batch_size or more data' in queue_warning(64, 16, 16)
 
 
 def test_forced_collapse_is_reported_and_stops_with_exit_3(tiny_data_dir, tmp_path):
@@ -104,6 +106,6 @@ def test_forced_collapse_is_reported_and_stops_with_exit_3(tiny_data_dir, tmp_pa
   stopped_at = logged[-1]['step']
   assert stopped_at < 16
   healthy = 1 / math.sqrt(16)
-  assert all(e['feature_std'] < 0.1 * healthy for e in logged[-health.PATIENCE:])
+  assert all(e['feature_std'] < 0.1 * healthy for e in logged[-collapse.PATIENCE:])
   saved = checkpointing.Checkpointer(workdir).all_steps()
   assert saved and max(saved) < stopped_at               # nothing saved at the stop

@@ -1,4 +1,4 @@
-"""Resume compatibility: every row of checkpointing.RESUME_RULES is refused
+"""Resume compatibility: every row of resume_rules.RESUME_RULES is refused
 with a line naming the key and both values; safe changes pass; the CLI
 refuses another batch size without touching the workdir."""
 import shutil
@@ -10,8 +10,8 @@ import pytest
 
 from conftest import smoke_config
 from moco_jax import moco
-from moco_jax.runtime import checkpointing
-from moco_jax.weights.export import abstract_state
+from moco_jax.config import resume_rules
+from moco_jax.experiment import abstract_state
 from test_train import run_cli, tree_digest
 
 # key -> a value other than the smoke config's.
@@ -36,7 +36,7 @@ def _config(**overrides):
 
 
 def test_every_rule_has_a_test_value():
-  assert set(CHANGED) == {key for key, _ in checkpointing.RESUME_RULES}
+  assert set(CHANGED) == {key for key, _ in resume_rules.RESUME_RULES}
 
 
 @pytest.mark.parametrize('key', sorted(CHANGED))
@@ -45,7 +45,7 @@ def test_each_rule_is_refused_naming_key_and_values(key):
   new = saved.copy_and_resolve_references()
   section, name = key.split('.')
   old_value, new[section][name] = saved[section][name], CHANGED[key]
-  problems = checkpointing.incompatibilities(saved.to_dict(), new.to_dict())
+  problems = resume_rules.incompatibilities(saved.to_dict(), new.to_dict())
   assert len(problems) == 1
   assert problems[0].startswith(
       f'{key}: {old_value!r} in the checkpoint, {CHANGED[key]!r} now (')
@@ -53,12 +53,12 @@ def test_each_rule_is_refused_naming_key_and_values(key):
 
 def test_safe_changes_are_allowed_and_resnet_image_size_too():
   saved = _config()
-  assert checkpointing.incompatibilities(
+  assert resume_rules.incompatibilities(
       saved.to_dict(), _config(**SAFE, **{'data.image_size': 32}).to_dict()) == []
   # Keys an older checkpoint lacks are not compared.
   old = saved.to_dict()
   del old['moco']['symmetric']
-  assert checkpointing.incompatibilities(
+  assert resume_rules.incompatibilities(
       old, _config(**{'moco.symmetric': True}).to_dict()) == []
 
 

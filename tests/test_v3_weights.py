@@ -11,7 +11,7 @@ from test_lincls import lincls_config
 from test_v3 import v3_smoke_config
 from moco_jax import train
 from moco_jax.evaluation import knn, linear
-from moco_jax.experiment import Experiment
+from moco_jax.experiment import Experiment, abstract_state
 from moco_jax.runtime.mesh import make_mesh
 from moco_jax.weights import export, timm
 from moco_jax.weights.import_weights import load_weights
@@ -98,7 +98,7 @@ def _encoder_vars(workdir):
 def test_v3_resnet_exports_the_backbone_under_v2_names():
   def names(**overrides):
     config = smoke_config('/unused', **overrides)
-    state = export.abstract_state(config)
+    state = abstract_state(config)
     variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
                              {'params': state.params, 'batch_stats': state.batch_stats})
     return export.torchvision_state_dict(variables), export.torchvision_state_dict(

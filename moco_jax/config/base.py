@@ -78,7 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.train = train_section(num_epochs=200, keep_checkpoints=3)
   # Stop with exit 3 (nothing saved after the last checkpoint) once the
-  # collapse warning fires (runtime/health.py); by default only warn.
+  # collapse warning fires (evaluation/collapse.py); by default only warn.
   c.train.stop_on_collapse = False
 
   c.eval = ml_collections.ConfigDict()

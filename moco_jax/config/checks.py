@@ -28,7 +28,7 @@ def config_problems(config, num_devices: int) -> list[str]:
   _choice(problems, 'model.arch', config.model.arch, tuple(ARCHS) + tuple(VIT_ARCHS))
   _choice(problems, 'model.head', config.model.head, ENCODER_HEADS)
   _choice(problems, 'moco.momentum_schedule',
-          config.moco.get('momentum_schedule', 'constant'), MOMENTUM_SCHEDULES)
+          config.moco.momentum_schedule, MOMENTUM_SCHEDULES)
   _choice(problems, 'model.conv_impl', config.model.conv_impl, fast_conv.IMPLS)
   _choice(problems, 'data.augment', config.data.augment, augment.RECIPES)
   _choice(problems, 'data.normalization', config.data.normalization,
@@ -37,7 +37,7 @@ def config_problems(config, num_devices: int) -> list[str]:
   _choice(problems, 'optim.schedule', config.optim.schedule, SCHEDULES)
   _choice(problems, 'dtype', config.dtype, DTYPES)
 
-  _choice(problems, 'eval.knn_features', config.eval.get('knn_features', 'backbone'),
+  _choice(problems, 'eval.knn_features', config.eval.knn_features,
           KNN_FEATURES)
 
   batch, queue = config.train.batch_size, config.moco.queue_size
@@ -48,7 +48,7 @@ def config_problems(config, num_devices: int) -> list[str]:
     problems += bn_group_problems(config, num_devices)
   problems += v3_problems(config)
   # The symmetric loss enqueues both views' keys: 2B per step.
-  keys = batch * (2 if config.moco.get('symmetric', False) else 1)
+  keys = batch * (2 if config.moco.symmetric else 1)
   what = ('2 × train.batch_size (moco.symmetric enqueues both views\' keys) = '
           if keys != batch else 'the global batch train.batch_size=')
   # K = 0: MoCo v3, the negatives are the global batch's keys (no queue).
@@ -93,10 +93,10 @@ def v3_problems(config) -> list[str]:
     problems.append('moco.queue_size=0 (MoCo v3: the batch\'s keys are the '
                     'negatives) runs without shuffle BN, as the reference; set '
                     'moco.shuffle_bn=False')
-  if model.get('predictor', False) and model.head != 'v3':
+  if model.predictor and model.head != 'v3':
     problems.append(f'model.predictor=True needs model.head=\'v3\' (MoCo v3\'s '
                     f'projector), not {model.head!r}')
-  if model.get('stop_grad_conv1', False) and not vit:
+  if model.stop_grad_conv1 and not vit:
     problems.append(f'model.stop_grad_conv1=True freezes a ViT\'s patch '
                     f'projection; model.arch={model.arch!r} is not a ViT')
   return problems
@@ -154,3 +154,21 @@ def check_config(config, num_devices: int) -> None:
   problems = config_problems(config, num_devices)
   if problems:
     raise ConfigError('; '.join(problems))
+
+
+def queue_warning(queue_size: int, images_per_epoch: int, keys_per_step: int) -> str | None:
+  """A warning when K >= the training images of an epoch: the queue then holds
+  keys of the very images being trained on (each image among its own
+  negatives). Suggests the largest K that is a multiple of the keys enqueued
+  per step and at most half the epoch (below the epoch in any case)."""
+  if queue_size <= 0 or queue_size < images_per_epoch:
+    return None
+  problem = (f'warning: moco.queue_size={queue_size} is at least the {images_per_epoch} '
+             f'training images of an epoch, so every image sits in the queue as '
+             f'its own negative; ')
+  if images_per_epoch <= keys_per_step:
+    return problem + (f'no queue below that is a multiple of the {keys_per_step} keys '
+                      f'enqueued per step: use a smaller train.batch_size or more data')
+  suggestion = max(keys_per_step, (images_per_epoch // 2) // keys_per_step * keys_per_step)
+  return problem + (f'use a smaller queue, e.g. --config.moco.queue_size={suggestion}, '
+                    f'or more data')

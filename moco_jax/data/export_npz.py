@@ -12,11 +12,16 @@ from absl import app, flags
 
 from moco_jax.runtime import paths
 
-flags.DEFINE_string('dataset', 'cifar10', 'TFDS name.')
-flags.DEFINE_string('data_dir', '', 'TFDS data_dir ("" = TFDS default).')
-flags.DEFINE_list('splits', ['train', 'test'], 'Splits to export.')
-flags.DEFINE_string('out', '', 'The .npz to write.')
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Command-line flags; defined only when run as a program, so importing
+  this module next to another absl program does not clash."""
+  flags.DEFINE_string('dataset', 'cifar10', 'TFDS name.')
+  flags.DEFINE_string('data_dir', '', 'TFDS data_dir ("" = TFDS default).')
+  flags.DEFINE_list('splits', ['train', 'test'], 'Splits to export.')
+  flags.DEFINE_string('out', '', 'The .npz to write.')
 
 
 def main(argv):
@@ -38,4 +43,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

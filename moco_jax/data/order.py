@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from moco_jax.data.permutation import epoch_permutation  # noqa: F401 (re-exported)
+from moco_jax.data.permutation import epoch_permutation
 from moco_jax.data.sources import ProcessSplit, is_folder, process_split
 
 # Encoded images one process keeps in memory to permute a TFDS split exactly.

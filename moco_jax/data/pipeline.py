@@ -20,8 +20,8 @@ import tensorflow as tf
 
 from moco_jax.data.crops import crop_window
 from moco_jax.data.order import EpochOrder
-from moco_jax.data.sources import (DatasetError, DatasetInfo, dataset_info,  # noqa: F401 (re-exported)
-                                   process_split)
+from moco_jax.data.info import DatasetError
+from moco_jax.data.sources import process_split
 
 # Keep TensorFlow off accelerators and quiet; JAX owns the devices.
 tf.config.set_visible_devices([], 'GPU')

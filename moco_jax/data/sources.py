@@ -30,7 +30,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
-from moco_jax.data.info import DatasetError, DatasetInfo  # noqa: E402,F401 (re-exported)
+from moco_jax.data.info import DatasetError, DatasetInfo  # noqa: E402
 from moco_jax.runtime import paths as path_layer  # noqa: E402  (`paths` is a local name below)
 
 FOLDER_PREFIX = 'folder:'

@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moco_jax.augment import colour as augment
 from moco_jax.data import inputs
+from moco_jax.data.info import DatasetError
 from moco_jax.config.checks import KNN_FEATURES, ConfigError
 from moco_jax.models import build_backbone, build_encoder
 from moco_jax.runtime.mesh import AXIS, sharded_jit
@@ -124,13 +125,13 @@ def backbone_from_config(config: ml_collections.ConfigDict):
   """The pretraining config's backbone (for inference, no BN groups): a
   ResNet (pooled features) or a ViT (the final-norm class token)."""
   return build_backbone(config.model, 1, jnp.dtype(config.dtype),
-                        config.model.get('conv_impl', 'xla'),
+                        config.model.conv_impl,
                         image_size=config.data.image_size)
 
 
 def knn_features(config: ml_collections.ConfigDict) -> str:
-  """eval.knn_features; 'backbone' for runs saved before the key existed."""
-  return config.eval.get('knn_features', 'backbone')
+  """eval.knn_features (saved configs: upgraded when loaded)."""
+  return config.eval.knn_features
 
 
 def feature_model(config: ml_collections.ConfigDict):
@@ -145,7 +146,7 @@ def feature_model(config: ml_collections.ConfigDict):
     return backbone, backbone.num_features
   if kind == 'head':
     encoder = build_encoder(config.model, 1, jnp.dtype(config.dtype),
-                            config.model.get('conv_impl', 'xla'),
+                            config.model.conv_impl,
                             image_size=config.data.image_size)
     return encoder, config.model.dim
   raise ConfigError(f'eval.knn_features={kind!r} is not one of '
@@ -198,7 +199,7 @@ class KnnEvaluator:
     self.k, self.temperature, self.chunk = config.eval.knn_k, config.eval.knn_t, chunk
     self.num_classes = inputs.dataset_info(config.data).num_classes
     if self.num_classes <= 0:
-      raise inputs.DatasetError(
+      raise DatasetError(
           f'data.dataset {config.data.dataset!r} has no class labels for kNN')
     local_batch = batch // jax.process_count()
     if on_device is None:

@@ -173,10 +173,6 @@ class LinearEval:
       raise ConfigError('; '.join(problems))
     self.config, self.pre_config = config, pre_config
     self.epoch_steps = steps_per_epoch(config, self.info)
-    if self.epoch_steps == 0:
-      raise inputs.DatasetError(
-          f'train.batch_size={config.train.batch_size} is larger than the '
-          f'{self.info.num_examples} training examples of {self.info.name!r}')
     self.total_steps = total_steps(config, self.epoch_steps)
     # lr 30 is used as given at any batch size, as the reference does,
     # unless optim.scale_lr makes it per 256 images.

@@ -1,28 +1,7 @@
-"""Warnings about a pretraining run whose numbers would otherwise mislead:
-representation collapse, and a queue larger than the dataset.
-
-Collapse: every image maps to (nearly) the same feature. The loss then sits at
-chance, ln(K+1) per loss direction, and the logits tie, so nothing crashes.
-The indicator is `feature_std`, the per-dimension standard deviation over the
-batch of the L2-normalised query features, averaged over dimensions (SimSiam,
-arXiv:2011.10566, sec. 4.1): about 1/sqrt(C) for spread-out features, near 0
-when collapsed. It is computed in the training step (moco.feature_std).
-"""
+"""Guards of any training loop: a loss (or gradient norm) that became NaN or
+infinite stops the run before it is saved; a classifier's loss far above
+chance is warned about once."""
 import math
-
-# feature_std below this fraction of 1/sqrt(C) counts as collapsed.
-STD_FRACTION = 0.1
-# The loss within this relative distance of chance counts as not learning.
-CHANCE_TOLERANCE = 0.01
-# Consecutive log steps a sign must persist before the warning.
-PATIENCE = 3
-# A loss at chance is normal early on: that sign counts only after warm-up,
-# one epoch and this many steps.
-LOSS_GRACE_STEPS = 100
-
-
-class CollapseError(RuntimeError):
-  """The representation collapsed and train.stop_on_collapse is set."""
 
 
 class NonFiniteError(RuntimeError):
@@ -62,87 +41,3 @@ class LossBlowUp:
     return (f'warning: the loss is {loss:.4g} at step {step}, more than '
             f'{self.FACTOR:g}x chance ln(classes) = {self.chance:.3g}: training may be '
             f'diverging; lower optim.base_lr')
-
-
-def healthy_feature_std(dim: int) -> float:
-  """1/sqrt(C): the feature_std of features spread uniformly on the sphere."""
-  return 1.0 / math.sqrt(dim)
-
-
-def chance_loss(queue_size: int, global_batch: int, directions: int = 1) -> float:
-  """The InfoNCE loss of identical features: ln(K+1) per loss direction
-  (K = 0, MoCo v3: the negatives are the global batch, ln(B))."""
-  candidates = queue_size + 1 if queue_size > 0 else global_batch
-  return directions * math.log(candidates)
-
-
-class CollapseMonitor:
-  """Watches the logged metrics for collapse; says so once.
-
-  Args:
-    dim: C, the projection dimension.
-    chance: the loss at chance (chance_loss).
-    grace_steps: the loss sign only counts after these steps.
-    causes: the run's settings to name as likely causes (a short string).
-  """
-
-  def __init__(self, dim: int, chance: float, grace_steps: int, causes: str):
-    self.healthy = healthy_feature_std(dim)
-    self.chance, self.grace_steps, self.causes = chance, grace_steps, causes
-    self._low_std = self._at_chance = 0
-    self.warned = False
-
-  def update(self, step: int, metrics: dict) -> str | None:
-    """Feeds one log step's metrics ('feature_std', 'loss'); returns the
-    one-line warning the first time collapse has persisted PATIENCE log
-    steps, else None."""
-    std, loss = metrics.get('feature_std'), metrics.get('loss')
-    low = std is not None and std < STD_FRACTION * self.healthy
-    self._low_std = self._low_std + 1 if low else 0
-    flat = (loss is not None and step > self.grace_steps
-            and abs(loss - self.chance) <= CHANCE_TOLERANCE * self.chance)
-    self._at_chance = self._at_chance + 1 if flat else 0
-    if self.warned or max(self._low_std, self._at_chance) < PATIENCE:
-      return None
-    self.warned = True
-    signs = []
-    if self._low_std >= PATIENCE:
-      signs.append(f'feature_std {std:.4g} (healthy about 1/sqrt(C) = '
-                   f'{self.healthy:.3g}; collapsed below {STD_FRACTION * self.healthy:.3g})')
-    if self._at_chance >= PATIENCE:
-      signs.append(f'loss {loss:.4g} within {CHANCE_TOLERANCE:.0%} of chance '
-                   f'ln(K+1) = {self.chance:.4g}')
-    return (f'warning: representation collapse at step {step}: '
-            f'{" and ".join(signs)} for {PATIENCE} log steps; instance_top1/5 mean '
-            f'nothing now. Likely causes: lr too high, no warm-up, bfloat16 '
-            f'({self.causes})')
-
-
-def monitor_for(config, warmup_steps: int, epoch_steps: int = 0) -> CollapseMonitor:
-  """The CollapseMonitor of a pretraining config; the loss sign counts after
-  max(warm-up, one epoch, LOSS_GRACE_STEPS) steps."""
-  directions = 2 if config.moco.get('symmetric', False) else 1
-  causes = (f'optim.base_lr={config.optim.base_lr:g}, '
-            f'optim.warmup_epochs={config.optim.warmup_epochs:g}, dtype={config.dtype}')
-  return CollapseMonitor(
-      config.model.dim,
-      chance_loss(config.moco.queue_size, config.train.batch_size, directions),
-      max(warmup_steps, epoch_steps, LOSS_GRACE_STEPS), causes)
-
-
-def queue_warning(queue_size: int, images_per_epoch: int, keys_per_step: int) -> str | None:
-  """A warning when K >= the training images of an epoch: the queue then holds
-  keys of the very images being trained on (each image among its own
-  negatives). Suggests the largest K that is a multiple of the keys enqueued
-  per step and at most half the epoch (below the epoch in any case)."""
-  if queue_size <= 0 or queue_size < images_per_epoch:
-    return None
-  problem = (f'warning: moco.queue_size={queue_size} is at least the {images_per_epoch} '
-             f'training images of an epoch, so every image sits in the queue as '
-             f'its own negative; ')
-  if images_per_epoch <= keys_per_step:
-    return problem + (f'no queue below that is a multiple of the {keys_per_step} keys '
-                      f'enqueued per step: use a smaller train.batch_size or more data')
-  suggestion = max(keys_per_step, (images_per_epoch // 2) // keys_per_step * keys_per_step)
-  return problem + (f'use a smaller queue, e.g. --config.moco.queue_size={suggestion}, '
-                    f'or more data')

@@ -17,21 +17,18 @@ under the reference's names `fc.*` or `fc.0.*`/`fc.2.*`; timm: MoCo v3's
 base_encoder names `head.*` and `predictor.*`).
 ResNets export to flax, torchvision and detectron2; ViTs to flax and timm.
 """
-import functools
 import io
 import sys
 
 import flax.serialization
 import jax
-import ml_collections
 import numpy as np
 
-from moco_jax import optim
-from moco_jax.runtime import checkpointing, paths
-from moco_jax.weights import convert, portable, timm
-from moco_jax.models import build_encoder, frozen_params, is_vit, resnet
+from moco_jax.runtime import paths
+from moco_jax.runtime.mesh import make_mesh
+from moco_jax.weights import convert, portable, pretrained, timm
+from moco_jax.models import is_vit, resnet
 from moco_jax.models.vit import vit
-from moco_jax.state import create_state
 from moco_jax.augment.normalization import MEAN_STD
 
 FORMATS = ('flax', 'torchvision', 'detectron2', 'timm')
@@ -50,29 +47,8 @@ def _torch():
     return None
 
 
-def abstract_state(config: ml_collections.ConfigDict):
-  """The MoCoState's shapes for `config`, on the first CPU device.
-
-  Unlike Experiment this needs neither the dataset nor the run's devices.
-  """
-  # One BN group: grouping only matters in training and never changes shapes
-  # (runs saved with the old moco.bn_splits export the same way).
-  encoder = build_encoder(config.model, image_size=config.data.image_size)
-  # The schedule's values never change the optimiser state's structure.
-  schedule = optim.learning_rate_schedule(config.optim, config.train.batch_size,
-                                          steps_per_epoch=1, total_steps=1)
-  optimizer = optim.build_optimizer(config.optim, schedule, frozen_params(config.model))
-  shapes = jax.eval_shape(functools.partial(
-      create_state, encoder, optimizer, image_size=config.data.image_size,
-      queue_size=config.moco.queue_size, dim=config.model.dim),
-      jax.random.PRNGKey(0))
-  cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend='cpu')[0])
-  return jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cpu), shapes)
-
-
 def restore_encoder(workdir: str, step: int | None = None):
-  """The query encoder of a run's checkpoint.
+  """The query encoder of a run's checkpoint (pretrained.load on the CPU).
 
   Returns:
     (config, step, variables): the run's ConfigDict, the checkpoint's step and
@@ -82,25 +58,14 @@ def restore_encoder(workdir: str, step: int | None = None):
   Raises:
     ExportError: no checkpoints in workdir, or no checkpoint at `step`.
   """
-  directory = paths.join(workdir, checkpointing.CHECKPOINT_SUBDIR)
-  if not paths.isdir(directory):
-    raise ExportError(f'--workdir={workdir!r} has no {checkpointing.CHECKPOINT_SUBDIR}/ '
-                      'directory: not a pretraining workdir')
-  checkpointer = checkpointing.Checkpointer(workdir, async_save=False)
   try:
-    steps = checkpointer.all_steps()
-    if not steps:
-      raise ExportError(f'--workdir={workdir!r} has no checkpoint yet')
-    step = max(steps) if step is None else step
-    if step not in steps:
-      raise ExportError(f'--step={step} has no checkpoint in {workdir!r}; '
-                        f'available: {", ".join(map(str, sorted(steps)))}')
-    config = ml_collections.ConfigDict(checkpointer.restore_config(step))
-    state = checkpointer.restore(abstract_state(config), step)
-  finally:
-    checkpointer.close()
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  return config, step, jax.tree.map(np.asarray, variables)
+    step = pretrained.checkpoint_step(workdir, step, workdir_name='--workdir',
+                                      step_name='--step')
+  except pretrained.PretrainedError as error:
+    raise ExportError(str(error)) from None
+  run = pretrained.load(workdir, make_mesh(jax.local_devices(backend='cpu')[:1]), step)
+  variables = {'params': run.encoder_params, 'batch_stats': run.encoder_batch_stats}
+  return run.config, step, jax.tree.map(np.asarray, variables)
 
 
 def model_info(config) -> dict:

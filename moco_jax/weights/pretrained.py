@@ -1,18 +1,13 @@
 """A pretraining run's config and query-encoder backbone, read from its workdir."""
 import dataclasses
-import functools
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
-import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moco_jax import optim
+from moco_jax.config.upgrade import upgrade
+from moco_jax.experiment import abstract_state
 from moco_jax.runtime import checkpointing, paths
-from moco_jax.models import build_encoder, frozen_params
-from moco_jax.state import create_state
 
 
 class PretrainedError(ValueError):
@@ -33,8 +28,12 @@ class Pretrained:
   encoder_batch_stats: Any = None
 
 
-def checkpoint_step(workdir: str, step: int | None = None) -> int:
-  """`step` if workdir has that checkpoint, else (None, -1) its newest.
+def checkpoint_step(workdir: str, step: int | None = None, *,
+                    workdir_name: str = 'pretrained', step_name: str = 'pretrained_step') -> int:
+  """`step` if workdir has that checkpoint, else (None, -1) its newest: the
+  one way to find a pretraining run's checkpoint (export, kNN, linear
+  evaluation, load_pretrained). workdir_name/step_name: how the caller's
+  flags name the two, for the error.
 
   Raises:
     PretrainedError (one line) when there is no such checkpoint; nothing is
@@ -42,17 +41,18 @@ def checkpoint_step(workdir: str, step: int | None = None) -> int:
   """
   directory = paths.join(workdir, checkpointing.CHECKPOINT_SUBDIR)
   if not paths.isdir(directory):
-    raise PretrainedError(f'{workdir!r} has no checkpoints (no {directory}); '
-                          f'give a moco_jax pretraining workdir')
+    raise PretrainedError(f'{workdir_name}={workdir!r} has no {checkpointing.CHECKPOINT_SUBDIR}/ '
+                          f'directory: not a moco_jax pretraining workdir')
   checkpointer = checkpointing.Checkpointer(workdir)
   steps = checkpointer.all_steps()
   checkpointer.close()
   if not steps:
-    raise PretrainedError(f'{workdir!r} has no complete checkpoint in {directory}')
+    raise PretrainedError(f'{workdir_name}={workdir!r} has no complete checkpoint in '
+                          f'{directory} yet')
   if step is None or step < 0:
     return max(steps)
   if step not in steps:
-    raise PretrainedError(f'{workdir!r} has no checkpoint at step {step}; '
+    raise PretrainedError(f'{step_name}={step} has no checkpoint in {workdir!r}; '
                           f'available: {", ".join(map(str, sorted(steps)))}')
   return step
 
@@ -63,7 +63,8 @@ def load_config(workdir: str, step: int | None = None) -> ml_collections.ConfigD
   checkpointer = checkpointing.Checkpointer(workdir)
   config = checkpointer.restore_config(step)
   checkpointer.close()
-  return ml_collections.ConfigDict(config)
+  # Older runs lack keys added since; filled here, once (config/upgrade.py).
+  return upgrade(ml_collections.ConfigDict(config))
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict):
@@ -91,18 +92,7 @@ def load(workdir: str, mesh, step: int | None = None,
   config = config or load_config(workdir, step)
   # BN groups only matter in training and never change shapes, so runs saved
   # with the old per-device moco.bn_splits load too.
-  encoder = build_encoder(config.model, 1, jnp.dtype(config.dtype),
-                          config.model.conv_impl, image_size=config.data.image_size)
-  # The optimiser's state layout does not depend on the schedule's values.
-  optimizer = optim.build_optimizer(config.optim, optax.constant_schedule(0.0),
-                                    frozen_params(config.model))
-  shapes = jax.eval_shape(functools.partial(
-      create_state, encoder, optimizer, image_size=config.data.image_size,
-      queue_size=config.moco.queue_size, dim=config.model.dim),
-      jax.random.PRNGKey(0))
-  replicated = NamedSharding(mesh, P())
-  abstract = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
+  abstract = abstract_state(config, NamedSharding(mesh, P()))
   checkpointer = checkpointing.Checkpointer(workdir)
   state = checkpointer.restore(abstract, step)
   checkpointer.close()
