@@ -139,12 +139,7 @@ class Finetune:
     if self.start.step >= 0:
       config.pretrained_step = self.start.step
     self.config = config
-    self.epoch_steps = steps_per_epoch(config, self.info)
-    if self.epoch_steps == 0:
-      raise inputs.DatasetError(
-          f'train.batch_size={config.train.batch_size} is larger than the '
-          f'{self.info.num_examples} training examples of {self.info.name!r} '
-          f'{config.data.train_split}')
+    self.epoch_steps = steps_per_epoch(config, self.info)   # DatasetError if 0
     self.total_steps = total_steps(config, self.epoch_steps)
     self.schedule = optim.learning_rate_schedule(
         config.optim, config.train.batch_size, self.epoch_steps, self.total_steps)
