@@ -2,8 +2,9 @@
 
 On an accelerator: configs/moco_v2_r18_cifar10.py (ResNet-18, 200 epochs,
 82.6% kNN in the reference; bfloat16 on TPUs and on GPUs with bfloat16 tensor
-cores). On a CPU: configs/cifar10_cpu.py (ResNet-18 at width x0.125, 780
-steps, about 20-30 minutes on 2 cores; kNN rises from about 28% to about 40%).
+cores). On a CPU: configs/cifar10_cpu.py (ResNet-18 at width x0.125, 1170
+steps, about 20 minutes on 2 quiet cores; kNN rises from about 28% by 15
+points or more).
 Prints one line saying which and why. It asks JAX for the devices while the
 command line is read, so it is for one host (not --distributed).
 
@@ -28,7 +29,7 @@ def get_config():
   found = f'{count} {device.platform.upper()} device{"s" if count > 1 else ""} ({device.device_kind})'
   if device.platform == 'cpu':
     config = recipes.cifar10_cpu()
-    why = ('configs/cifar10_cpu.py, ResNet-18 x0.125 for 780 steps (about 20-30 min on '
+    why = ('configs/cifar10_cpu.py, ResNet-18 x0.125 for 1170 steps (about 20 min on '
            '2 cores; the full demo would take weeks on a CPU)')
   else:
     config = recipes.cifar10_demo()

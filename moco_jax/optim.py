@@ -108,7 +108,8 @@ def frozen_mask(params, frozen: tuple):
 def build_optimizer(optim_config, schedule, frozen: tuple = ()
                     ) -> optax.GradientTransformation:
   """'sgd': PyTorch-style SGD (weight decay added to the gradient before
-  momentum, on all params, as the reference); 'lars': reference_lars (MoCo
+  momentum, on all params, as the reference; Nesterov's momentum with
+  optim.nesterov, as torch's nesterov=True); 'lars': reference_lars (MoCo
   v3's); 'adamw': optax.adamw (torch's AdamW: decoupled decay on all params).
 
   frozen: param paths (key tuples, e.g. (('backbone', 'patch_embed'),)) that
@@ -119,7 +120,8 @@ def build_optimizer(optim_config, schedule, frozen: tuple = ()
   name, wd = optim_config.name, optim_config.weight_decay
   if name == 'sgd':
     optimizer = optax.chain(optax.add_decayed_weights(wd),
-                            optax.sgd(schedule, momentum=optim_config.momentum))
+                            optax.sgd(schedule, momentum=optim_config.momentum,
+                                      nesterov=optim_config.get('nesterov', False)))
   elif name == 'lars':
     optimizer = reference_lars(schedule, weight_decay=wd,
                                momentum=optim_config.momentum)

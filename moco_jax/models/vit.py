@@ -219,16 +219,27 @@ class Block(nn.Module):
   num_heads: int
   mlp_ratio: int = MLP_RATIO
   dtype: Any = jnp.float32
+  drop_path: float = 0.0
+
+  def _drop_path(self, y, train: bool):
+    """timm's DropPath: a residual branch is zeroed per sample with
+    probability drop_path in training, the kept ones scaled by 1 / keep."""
+    if not train or self.drop_path <= 0:
+      return y
+    keep = 1.0 - self.drop_path
+    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (y.shape[0], 1, 1))
+    return y * mask / keep
 
   @nn.compact
-  def __call__(self, x):
-    """x: (N, T, D) float32 -> (N, T, D) float32."""
+  def __call__(self, x, train: bool = False):
+    """x: (N, T, D) float32 -> (N, T, D) float32; train enables drop_path
+    (it needs a 'dropout' rng)."""
     y = Attention(self.num_heads, self.dtype, name='attn')(
         _layer_norm('norm1')(x))
-    x = x + y.astype(jnp.float32)
+    x = x + self._drop_path(y.astype(jnp.float32), train)
     y = Mlp(self.mlp_ratio * x.shape[-1], self.dtype, name='mlp')(
         _layer_norm('norm2')(x))
-    return x + y.astype(jnp.float32)
+    return x + self._drop_path(y.astype(jnp.float32), train)
 
 
 class ViT(nn.Module):
@@ -242,6 +253,8 @@ class ViT(nn.Module):
     mlp_ratio: MLP hidden width / D.
     image_size: the training resolution; sets the exported pos_embed's grid
       (the forward pass works at any multiple of patch_size).
+    drop_path: stochastic depth of the last block in training (fine-tuning;
+      0 in pretraining, as MoCo v3).
     stop_grad_conv1: freeze the (random) patch projection, as MoCo v3's
       --stop-grad-conv1: its gradients are exactly zero. The optimiser's
       weight decay still shrinks it unless masked out.
@@ -256,6 +269,7 @@ class ViT(nn.Module):
   image_size: int = 224
   stop_grad_conv1: bool = False
   dtype: Any = jnp.float32
+  drop_path: float = 0.0
 
   @property
   def num_features(self) -> int:
@@ -272,9 +286,10 @@ class ViT(nn.Module):
     """x: (N, H, W, 3) normalised images -> (N, D) float32.
 
     `train` is accepted for the backbone interface (ResNet's BN uses it); the
-    ViT has no dropout nor batch statistics, so it changes nothing.
+    ViT has no batch statistics, so it changes nothing unless drop_path > 0
+    (fine-tuning's stochastic depth, rising linearly over the blocks to
+    drop_path as in timm; it needs a 'dropout' rng).
     """
-    del train
     n = x.shape[0]
     tokens = PatchEmbed(self.embed_dim, self.patch_size, self.stop_grad_conv1,
                         self.dtype, name='patch_embed')(x)
@@ -284,9 +299,10 @@ class ViT(nn.Module):
                            (1, 1, d), jnp.float32)
     x = jnp.concatenate([jnp.broadcast_to(cls_token, (n, 1, d)), tokens], 1)
     x = x + jnp.asarray(sincos_pos_embed(gh, gw, d))
+    rates = np.linspace(0.0, self.drop_path, self.depth)
     for i in range(self.depth):
-      x = Block(self.num_heads, self.mlp_ratio, self.dtype,
-                name=f'blocks_{i}')(x)
+      x = Block(self.num_heads, self.mlp_ratio, self.dtype, float(rates[i]),
+                name=f'blocks_{i}')(x, train)
     return _layer_norm('norm')(x[:, 0])   # per token: the class token's alone
 
 

@@ -49,18 +49,26 @@ def configs_dir() -> str | None:
   return None
 
 
+# configs/ files of the evaluation commands, by kind; the rest are pretraining's.
+EVALUATION_PREFIXES = {'lincls': 'lincls_', 'finetune': 'finetune_'}
+
+
 def recipes(kind: str) -> list[tuple[str, str]]:
   """(path, first line of its docstring) of each recipe in configs/.
 
-  kind: 'pretrain' (every file but lincls_*.py) or 'lincls' (lincls_*.py).
+  kind: 'pretrain' (every file but lincls_*.py and finetune_*.py), 'lincls'
+  (lincls_*.py) or 'finetune' (finetune_*.py).
   """
+  prefix = EVALUATION_PREFIXES.get(kind)
   directory = configs_dir()
   if directory is None:
     return []
   found = []
   for path in sorted(glob.glob(os.path.join(directory, '*.py'))):
     name = os.path.basename(path)
-    if name.startswith('_') or name.startswith('lincls_') != (kind == 'lincls'):
+    own = (name.startswith(prefix) if prefix else
+           not name.startswith(tuple(EVALUATION_PREFIXES.values())))
+    if name.startswith('_') or not own:
       continue
     try:
       with open(path) as f:

@@ -1,0 +1,80 @@
+"""Command line: end-to-end fine-tuning of a pretrained backbone plus a new head.
+
+  python -m moco_jax.finetune --config=configs/finetune_cifar10_cpu.py --workdir=OUT \
+      --config.pretrained=PRETRAIN_DIR
+
+--config.pretrained is a pretraining workdir, a .msgpack Flax export
+(python -m moco_jax.export --format=flax) or an official MoCo v1/v2/v3
+checkpoint (with --config.model.arch); --config.init=random trains the same
+architecture from scratch. The loop is moco_jax/evaluation/finetune.py.
+Rerun the same command to resume; Ctrl-C or SIGTERM saves the current step
+first (a second Ctrl-C exits at once).
+"""
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from moco_jax.runtime import cli
+
+FLAGS = flags.FLAGS
+FLAG_NAMES = ('config', 'workdir')
+
+
+def define_flags():
+  """Command-line flags; defined only when run as a program, so importing
+  this module next to another absl program does not clash."""
+  config_flags.DEFINE_config_file('config', None, 'Path to a fine-tuning config file '
+                                  '(configs/finetune_*.py).', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
+
+
+def main(argv):
+  del argv  # checked by parse_flags
+  logging.set_verbosity(logging.WARNING)  # orbax/tfds info lines
+  cli.import_tensorflow_quietly()
+  from moco_jax.config.checks import ConfigError
+  from moco_jax.data.info import DatasetError
+  from moco_jax.evaluation.finetune import finetune
+  from moco_jax.weights.convert import WeightsError
+  from moco_jax.weights.pretrained import PretrainedError
+  from moco_jax.runtime.health import NonFiniteError
+  try:
+    finetune(load_config(), FLAGS.workdir, second_interrupt='exit')
+  except (ConfigError, DatasetError, PretrainedError, WeightsError) as error:
+    cli.fail(error)
+  except NonFiniteError as error:
+    cli.fail(error, code=3)
+
+
+def usage() -> str:
+  return (f'{__doc__.strip()}\n\nrecipes (--config=...):\n{cli.recipe_list("finetune")}\n\n'
+          f'flags:\n{cli.flag_help(FLAGS, FLAG_NAMES)}\n'
+          f'  --config.SECTION.KEY=VALUE: override a config value')
+
+
+def parse_flags(argv):
+  """absl's parsing: --help exits 0, every problem is one line (exit 2)."""
+  return cli.parse_command_line(
+      FLAGS, argv, usage, config_kind='finetune',
+      problem=lambda: cli.workdir_problem(FLAGS.workdir))
+
+
+def load_config():
+  try:
+    config = FLAGS.config
+    config.seed
+  except Exception as error:  # the file's own errors, bad overrides
+    cli.fail(f'invalid --config: {cli.error_line(error)}')
+  if 'finetune' not in config:
+    cli.fail(f'--config={config_flags.get_config_filename(FLAGS["config"])} is '
+             f'not a fine-tuning config (no `finetune` section; use '
+             f'configs/finetune_*.py)')
+  return config
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main, flags_parser=parse_flags)
