@@ -104,8 +104,12 @@ def _queue_warning(config, experiment) -> str | None:
                               keys_per_step)
 
 
-def _log_knn(knn, state, step: int, writer, bar) -> dict:
-  metrics = knn(state.params, state.batch_stats)  # eval.knn_features picks
+def _log_knn(knn, state, step: int, writer, bar, stop) -> dict:
+  stop.work = 'this kNN pass and the next step'   # what a Ctrl-C now waits for
+  try:
+    metrics = knn(state.params, state.batch_stats)  # eval.knn_features picks
+  finally:
+    stop.work = 'the current step'
   writer.write(step, metrics)
   bar.write(f'step {step}: knn_top1 {metrics["knn_top1"]:.2f}')
   return metrics
@@ -205,9 +209,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                f'same command to resume from the newest checkpoint in '
                f'{checkpointer.directory}')
   try:
-    with preemption.StopRequests(second_interrupt, stop_line) as stop:
+    with preemption.StopRequests(second_interrupt, stop_line, announce=is_main) as stop:
       if knn is not None and config.eval.knn_at_start and start_step == 0:
-        last_metrics.update(_log_knn(knn, state, 0, writer, bar))
+        last_metrics.update(_log_knn(knn, state, 0, writer, bar, stop))
       steps = clock.StepClock()
       next_batch = _device_batch(experiment, batches)
       for step in range(start_step, last_step):
@@ -256,7 +260,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         # After the save is started: it completes while the kNN pass runs.
         if knn_every > 0 and (done % knn_every == 0 or done == last_step):
           with steps.paused():  # not training time
-            last_metrics.update(_log_knn(knn, state, done, writer, bar))
+            last_metrics.update(_log_knn(knn, state, done, writer, bar, stop))
       else:
         bar.close()
         say(_finished_line(last_metrics, last_step, time.perf_counter() - run_start,

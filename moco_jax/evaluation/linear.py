@@ -282,7 +282,8 @@ def linear_evaluation(config: ml_collections.ConfigDict, workdir: str, *,
   stop_line = (f'error: interrupted twice: stopped at once without saving; rerun the '
                f'same command to resume from the newest checkpoint in {checkpointer.directory}')
   try:
-    with preemption.StopRequests(second_interrupt, stop_line) as stop:
+    with preemption.StopRequests(second_interrupt, stop_line,
+                                   announce=jax.process_index() == 0) as stop:
       steps = StepClock()
       batch = next_batch() if start_step < last_step else None
       for step in range(start_step, last_step):
