@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from moco_jax import moco
 from moco_jax.evaluation import knn as knn_evaluation
 from moco_jax.experiment import Experiment, describe_bn
 from moco_jax.runtime import checkpointing, health, paths, preemption, progress as clock
@@ -201,7 +202,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   bar = tqdm(total=last_step, initial=start_step, disable=not is_main, unit='step',
              dynamic_ncols=True, desc='pretrain')
   monitor = health.monitor_for(
-      config, round(config.optim.warmup_epochs * experiment.epoch_steps),
+      config, moco.chance_loss(config.moco.queue_size, config.train.batch_size,
+                               config.moco.temperature,
+                               config.moco.get('symmetric', False)),
+      round(config.optim.warmup_epochs * experiment.epoch_steps),
       experiment.epoch_steps)
   last_metrics, estimated = {}, False
   bn_facts = dict(experiment.bn_layout)  # in this run's first metrics line
