@@ -32,8 +32,11 @@ flags.DEFINE_string('coordinator_address', None,
                     'hand (with --num_processes and --process_id).')
 flags.DEFINE_integer('num_processes', None, 'Processes in the multi-process run.')
 flags.DEFINE_integer('process_id', None, "This process's index, 0…num_processes-1.")
+flags.DEFINE_float('coordinator_timeout', 300.0,
+                   'Seconds a multi-process start may wait for the coordinator '
+                   'and the other processes before it stops with one line.')
 FLAG_NAMES = ('config', 'workdir', 'show_config', 'distributed', 'coordinator_address',
-              'num_processes', 'process_id')
+              'num_processes', 'process_id', 'coordinator_timeout')
 
 
 def usage() -> str:
@@ -73,7 +76,8 @@ def main(argv):
   from moco_jax.runtime import distributed
   try:
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
-                           FLAGS.process_id, auto=FLAGS.distributed)
+                           FLAGS.process_id, auto=FLAGS.distributed,
+                           timeout_s=FLAGS.coordinator_timeout)
   except distributed.DistributedError as error:
     cli.fail(error)
   cli.import_tensorflow_quietly()
