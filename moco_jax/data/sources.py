@@ -185,22 +185,59 @@ def _folder_root(data_config) -> str:
   return root
 
 
+ROOT_SPLIT = '.'   # data.train_split/eval_split naming the folder itself
+
+
 def _split_directory(data_config, split: str) -> str:
+  """The folder of `split`: ROOT/<split>, which must exist ('.': ROOT itself).
+
+  There is no fallback to ROOT for a missing training split: ROOT's
+  subfolders would become classes, other splits among them (images of the
+  evaluation split trained on as a class of their own, with no word).
+  """
   root = _folder_root(data_config)
-  candidate = path_layer.join(root, split)
+  candidate = root if split == ROOT_SPLIT else path_layer.join(root, split)
   if path_layer.isdir(candidate):
     return candidate
+  subfolders = sorted(os.fsdecode(name) for name in _entries(root)[0]
+                      if not name.startswith(b'.'))
+  found = f'its subfolders: {", ".join(subfolders[:8])}{", …" if len(subfolders) > 8 else ""}'
   if split == data_config.train_split:
-    return root
+    raise DatasetError(
+        f'data.dataset {data_config.dataset!r} has no folder for the training split '
+        f'{split!r} ({candidate} does not exist; {found}): name the training '
+        f'subfolder with --config.data.train_split=NAME, or train on the folder '
+        f'itself with --config.data.train_split={ROOT_SPLIT} (its subfolders are '
+        f'then the classes)')
   raise DatasetError(
       f'data.dataset {data_config.dataset!r} has no folder for split {split!r} '
-      f'({candidate} does not exist; name an existing subfolder, e.g. '
-      f'data.eval_split=val, or set eval.knn_every=0)')
+      f'({candidate} does not exist; {found}): name an existing subfolder, e.g. '
+      f'data.eval_split=val, or set eval.knn_every=0')
+
+
+def _check_no_split_inside_training(data_config, train_directory: str) -> None:
+  """Refuses a training folder that holds another split's folder (which
+  would be trained on as a class): the evaluation split, or any split named
+  as a class folder of ROOT when training on ROOT itself."""
+  others = {data_config.get('eval_split', '')} - {data_config.train_split, ''}
+  root = _folder_root(data_config)
+  for split in sorted(others):
+    directory = root if split == ROOT_SPLIT else path_layer.join(root, split)
+    inside = directory.startswith(train_directory.rstrip('/') + '/')
+    if inside and path_layer.isdir(directory):
+      raise DatasetError(
+          f'the training split data.train_split={data_config.train_split!r} '
+          f'({train_directory}) contains the evaluation split '
+          f'data.eval_split={split!r} ({directory}): its images would be trained '
+          f'on as a class of their own; keep the training images in a sibling '
+          f'folder, e.g. {path_layer.join(root, "train")}, and set '
+          f'--config.data.train_split=train')
 
 
 def _folder_split(data_config, split: str) -> _FolderListing:
   directory = _split_directory(data_config, split)
   train_directory = _split_directory(data_config, data_config.train_split)
+  _check_no_split_inside_training(data_config, train_directory)
   class_names = _scan(train_directory)[0]
   names, files = _scan(directory)
   unknown = sorted(set(names) - set(class_names))
