@@ -8,6 +8,7 @@ Uses the config saved with the checkpoint (any value can be overridden, e.g.
 it to PRETRAIN_DIR/metrics.jsonl at the checkpoint's step.
 """
 import os
+import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
 
@@ -19,6 +20,7 @@ from moco_jax.runtime import cli
 from moco_jax.runtime.mesh import make_mesh
 
 FLAGS = flags.FLAGS
+cli.check_flagfiles(sys.argv)   # before config_flags reads them (one line, not a traceback)
 flags.DEFINE_string('workdir', None, 'A moco_jax pretraining workdir.')
 flags.DEFINE_integer('step', -1, 'Checkpoint step to evaluate; -1: the newest.')
 # Only the overridden values are used, applied to the checkpoint's config.

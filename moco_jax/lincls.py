@@ -35,8 +35,10 @@ def main(argv):
 
 
 def _define_flags():
+  import sys
   from absl import flags
   from ml_collections import config_flags
+  cli.check_flagfiles(sys.argv)   # before config_flags reads them
   config_flags.DEFINE_config_file('config', None, 'Path to a lincls config file '
                                   '(configs/lincls_*.py).', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')

@@ -11,6 +11,7 @@ Several processes (hosts): the same command on each, plus either
 --coordinator_address=HOST:PORT --num_processes=N --process_id=i.
 """
 import os
+import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
 
@@ -20,6 +21,7 @@ from ml_collections import config_flags
 from moco_jax.runtime import cli
 
 FLAGS = flags.FLAGS
+cli.check_flagfiles(sys.argv)   # before config_flags reads them (one line, not a traceback)
 config_flags.DEFINE_config_file('config', None, 'Path to a config file (a recipe '
                                 'in configs/).', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
@@ -69,7 +71,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax/tfds info lines drown the bar
   config = load_config()
   if FLAGS.show_config:
-    print(config)
+    print(cli.config_text(config))
     return
   # Before anything asks JAX for devices (a config may: configs/quickstart.py):
   # JAX joins a cluster only before its backends start.

@@ -22,7 +22,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moco_jax import augment
 from moco_jax.data import inputs
-from moco_jax.config.checks import KNN_FEATURES, ConfigError
+from moco_jax.config.checks import KNN_FEATURES, ConfigError, image_size_problems
+from moco_jax.config.ranges import range_problems
+from moco_jax.data.info import single_class_warning
 from moco_jax.models import build_backbone, build_encoder
 from moco_jax.runtime.mesh import AXIS
 from moco_jax.runtime.progress import progress
@@ -189,15 +191,21 @@ class KnnEvaluator:
   def __init__(self, config: ml_collections.ConfigDict, mesh,
                chunk: int = DEFAULT_CHUNK):
     batch, devices = config.eval.batch_size, mesh.size
-    if batch <= 0 or batch % devices:
-      raise ConfigError(f'eval.batch_size={batch} must be a positive multiple of '
-                       f'the {devices} devices')
+    problems = range_problems(config) + image_size_problems(config.model.arch,
+                                                            config.data.image_size)
+    if not problems and batch % devices:
+      problems.append(f'eval.batch_size={batch} must be a positive multiple of '
+                      f'the {devices} devices')
+    if problems:
+      raise ConfigError('; '.join(problems))
     self.config, self.mesh = config, mesh
     self.k, self.temperature, self.chunk = config.eval.knn_k, config.eval.knn_t, chunk
     self.num_classes = inputs.dataset_info(config.data).num_classes
     if self.num_classes <= 0:
       raise inputs.DatasetError(
           f'data.dataset {config.data.dataset!r} has no class labels for kNN')
+    if self.num_classes == 1 and jax.process_index() == 0:
+      print(single_class_warning('knn_top1', config.data), flush=True)
     local_batch = batch // jax.process_count()
     # From the devices' copy of the splits with data.on_device (inputs.py).
     self.bank_batches = inputs.eval_batches(

@@ -28,8 +28,10 @@ from moco_jax import augment, optim
 from moco_jax.runtime import checkpointing, health, paths, preemption
 from moco_jax.evaluation import knn
 from moco_jax.data import inputs
+from moco_jax.data.info import single_class_warning
 from moco_jax.weights import pretrained
-from moco_jax.config.checks import ConfigError, train_section_problems
+from moco_jax.config.checks import ConfigError, image_size_problems, train_section_problems
+from moco_jax.config.ranges import range_problems
 from moco_jax.runtime.metric_writer import MetricWriter
 from moco_jax.runtime.mesh import AXIS, make_mesh
 from moco_jax.runtime.progress import StepClock, progress
@@ -57,14 +59,15 @@ def linear_head(num_classes: int) -> nn.Dense:
 
 
 def config_problems(config, num_devices: int, num_classes: int) -> list[str]:
-  """Problems with a linear-evaluation config, one line each."""
+  """Problems with a linear-evaluation config, one line each (each key's own
+  range: config/ranges.py, checked before the data is opened)."""
   problems = []
   if not config.pretrained:
     problems.append('pretrained is empty: give --config.pretrained=PRETRAIN_DIR')
   for key in ('train.batch_size', 'eval.batch_size'):
     section, name = key.split('.')
     batch = config[section][name]
-    if batch <= 0 or batch % num_devices:
+    if batch % num_devices:
       problems.append(f'{key}={batch} is not a positive multiple of the '
                       f'{num_devices} devices')
   if config.data.normalization not in MEAN_STD:
@@ -168,10 +171,18 @@ class LinearEval:
     pre_config = pretrained.load_config(config.pretrained, config.pretrained_step)
     if not config.data.normalization:
       config.data.normalization = pre_config.data.normalization
+    problems = range_problems(config) + image_size_problems(pre_config.model.arch,
+                                                            config.data.image_size)
+    if problems:   # before the data is opened: a slice or size that cannot be
+      raise ConfigError('; '.join(problems))
     self.info = inputs.dataset_info(config.data)
+    # The evaluation split too, before anything is written to the workdir.
+    inputs.dataset_info(config.data, config.data.eval_split)
     problems = config_problems(config, self.mesh.size, self.info.num_classes)
     if problems:
       raise ConfigError('; '.join(problems))
+    if self.info.num_classes == 1 and jax.process_index() == 0:
+      print(single_class_warning('lincls_top1', config.data), flush=True)
     self.config, self.pre_config = config, pre_config
     self.epoch_steps = steps_per_epoch(config, self.info)
     if self.epoch_steps == 0:
