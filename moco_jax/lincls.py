@@ -1,6 +1,6 @@
 """Command line: linear evaluation of a pretraining run.
 
-  python -m moco_jax.lincls --config=configs/lincls_cifar10.py --workdir=OUT \
+  python -m moco_jax.lincls --config=configs/lincls_cifar10.py --workdir=OUT \\
       --config.pretrained=PRETRAIN_DIR
 
 The protocol is described in moco_jax/evaluation/linear.py. Rerun the same

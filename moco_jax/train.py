@@ -15,6 +15,7 @@ from tqdm import tqdm
 from moco_jax import moco
 from moco_jax.evaluation import knn as knn_evaluation
 from moco_jax.experiment import Experiment, describe_bn
+from moco_jax.models.encoder import is_vit
 from moco_jax.runtime import checkpointing, health, paths, preemption, progress as clock
 from moco_jax.runtime.metric_writer import MetricWriter
 from moco_jax.weights import import_weights
@@ -43,8 +44,13 @@ def restore_or_init(experiment: Experiment, checkpointer: checkpointing.Checkpoi
     return init_state(experiment)
   try:
     saved = checkpointer.restore_config(steps[-1])
-  except Exception:  # unreadable: restore_newest_valid deals with it
+  except Exception as error:  # the state may still read: restore_newest_valid decides
     saved = None
+    if jax.process_index() == 0:
+      print(f'warning: the config saved with {checkpointer.path(steps[-1])} cannot be '
+            f'read ({checkpointing.readable_reason(error)}), so whether this run may '
+            f'continue it (same arch, head, queue, ...) is not checked; resuming with '
+            f'this command\'s config', flush=True)
   if saved is not None:
     problems = checkpointing.incompatibilities(saved, experiment.config.to_dict())
     if problems:
@@ -126,7 +132,7 @@ def startup_summary(experiment: Experiment, workdir: str) -> str:
   return (f'pretrain: {len(devices)} {devices[0].platform.upper()} device'
           f'{"s" if len(devices) > 1 else ""} ({kinds}){hosts}; global batch {batch} '
           f'({batch // len(devices)} per device); '
-          f'{describe_bn(experiment.bn_layout, config.moco.shuffle_bn)}; '
+          f'{describe_bn(experiment.bn_layout, config.moco.shuffle_bn, config.model)}; '
           f'{experiment.total_steps:,} steps = '
           f'{experiment.total_steps / experiment.epoch_steps:.3g} epochs of '
           f'{experiment.epoch_steps:,} steps; {info.num_examples:,} training images '
@@ -208,7 +214,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       round(config.optim.warmup_epochs * experiment.epoch_steps),
       experiment.epoch_steps)
   last_metrics, estimated = {}, False
-  bn_facts = dict(experiment.bn_layout)  # in this run's first metrics line
+  # In this run's first metrics line; a ViT backbone has no BN groups.
+  bn_facts = {} if is_vit(config.model.arch) else dict(experiment.bn_layout)
   stop_line = (f'error: interrupted twice: stopped at once without saving; rerun the '
                f'same command to resume from the newest checkpoint in '
                f'{checkpointer.directory}')

@@ -84,12 +84,27 @@ def recipes(kind: str) -> list[tuple[str, str]]:
     except (OSError, SyntaxError):
       doc = ''
     shown = os.path.relpath(path) if not os.path.relpath(path).startswith('..') else path
-    found.append((shown, doc.strip().splitlines()[0] if doc.strip() else ''))
+    found.append((shown, summary(doc)))
   return found
 
 
+def summary(doc: str, width: int = 110) -> str:
+  """The first sentence of a docstring's first paragraph, on one line (a
+  first line alone may stop mid-sentence: "ImageNet, 300"), shortened at a
+  word with '…' beyond `width` characters."""
+  paragraph = ' '.join(doc.strip().split('\n\n')[0].split())
+  end = paragraph.find('. ')
+  sentence = paragraph[:end + 1] if end >= 0 else paragraph
+  if len(sentence) <= width:
+    return sentence
+  return sentence[:width].rsplit(' ', 1)[0].rstrip(',;:') + ' …'
+
+
+
 def recipe_list(kind: str) -> str:
-  lines = [f'  {path:<34} {line}' for path, line in recipes(kind)]
+  found = recipes(kind)
+  width = max((len(path) for path, _ in found), default=0)
+  lines = [f'  {path:<{width}}  {line}' for path, line in found]
   return '\n'.join(lines) if lines else '  (no configs/ folder found here)'
 
 
