@@ -154,6 +154,14 @@ def _long_run_hint(experiment: Experiment) -> str:
   return where
 
 
+def knn_passes_left(done: int, last_step: int, knn_every: int) -> int:
+  """kNN passes after step `done`: every knn_every steps and at the last."""
+  if knn_every <= 0:
+    return 0
+  return (last_step // knn_every - done // knn_every
+          + (1 if last_step % knn_every else 0) * (done < last_step))
+
+
 def _device_batch(experiment: Experiment, batches):
   """The next host batch, sent to the devices (the copy runs asynchronously)."""
   return experiment.step_inputs(next(batches))
@@ -205,8 +213,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   writer = MetricWriter(workdir, enabled=is_main)
   batches = experiment.train_batches(start_step)  # host tf.data or data.on_device
   step_fn = experiment.train_step()
+  # tqdm's own remaining time leaves out the kNN passes still to come: the
+  # ETA in the postfix (set at each log line) counts them.
   bar = tqdm(total=last_step, initial=start_step, disable=not is_main, unit='step',
-             dynamic_ncols=True, desc='pretrain')
+             dynamic_ncols=True, desc='pretrain',
+             bar_format='{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]')
+  knn_seconds = None   # the last kNN pass's duration
   monitor = health.monitor_for(
       config, moco.chance_loss(config.moco.queue_size, config.train.batch_size,
                                config.moco.temperature,
@@ -222,7 +234,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     with preemption.StopRequests(second_interrupt, stop_line, announce=is_main) as stop:
       if knn is not None and config.eval.knn_at_start and start_step == 0:
+        started = time.perf_counter()
         last_metrics.update(_log_knn(knn, state, 0, writer, bar, stop))
+        knn_seconds = time.perf_counter() - started
+        bar.reset()   # the bar's clock starts with training, not before this pass
       steps = clock.StepClock()
       next_batch = _device_batch(experiment, batches)
       for step in range(start_step, last_step):
@@ -253,7 +268,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           writer.write(done, {**bn_facts, **last_metrics})
           bn_facts = {}
           _watch_collapse(monitor, done, last_metrics, config, bar)
+          eta = clock.eta_seconds(last_step - done, steps.seconds_per_step(),
+                                  knn_passes_left(done, last_step, knn_every), knn_seconds)
           bar.set_postfix(loss=f'{metrics["loss"]:.3f}',
+                          **({'eta': clock.format_duration(eta)} if eta is not None else {}),
                           **({'img_s': f'{rate:.0f}'} if rate else {}))
           steps.new_window()
         if done % config.train.checkpoint_every == 0 or done == last_step or stopping:
@@ -271,7 +289,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         # After the save is started: it completes while the kNN pass runs.
         if knn_every > 0 and (done % knn_every == 0 or done == last_step):
           with steps.paused():  # not training time
+            started = time.perf_counter()
             last_metrics.update(_log_knn(knn, state, done, writer, bar, stop))
+            knn_seconds = time.perf_counter() - started
       else:
         bar.close()
         say(_finished_line(last_metrics, last_step, time.perf_counter() - run_start,

@@ -239,6 +239,21 @@ class LinearEval:
             for key in ('top1', 'top5')}
 
 
+def startup_summary(run: LinearEval, workdir: str) -> str:
+  """One line: devices, backbone, data, batch, lr and length, workdir."""
+  config, pre = run.config, run.pre_config
+  devices = list(run.mesh.devices.flat)
+  lr = run.schedule(0) if config.optim.warmup_epochs <= 0 else config.optim.base_lr
+  return (f'lincls: {len(devices)} {devices[0].platform.upper()} device'
+          f'{"s" if len(devices) > 1 else ""}; frozen {pre.model.arch} backbone of '
+          f'{config.pretrained} (step {config.pretrained_step}); {run.info.num_examples:,} '
+          f'training images ({run.info.name} {config.data.train_split}), '
+          f'{run.info.num_classes} classes, eval on {config.data.eval_split}; batch '
+          f'{config.train.batch_size}, {config.optim.name} lr {float(lr):g} '
+          f'({config.optim.schedule}); {run.total_steps:,} steps = '
+          f'{run.total_steps / run.epoch_steps:.3g} epochs; workdir {paths.absolute(workdir)}')
+
+
 def _restore_or_init(run: LinearEval):
   if run.checkpointer.latest_step() is None:
     return run.init_state()
@@ -270,6 +285,7 @@ def linear_evaluation(config: ml_collections.ConfigDict, workdir: str, *,
   start_step, last_step = int(state.step), run.total_steps
   is_main = jax.process_index() == 0
   say = (lambda line: print(line, flush=True)) if is_main else (lambda line: None)
+  say(startup_summary(run, workdir))
   if start_step > 0:
     say(f'lincls: resumed from step {start_step} of {checkpointer.path(start_step)}')
   writer = MetricWriter(workdir, enabled=is_main)
