@@ -155,6 +155,9 @@ class LinearEval:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh=None):
     self.mesh = mesh or make_mesh()
     config = config.copy_and_resolve_references()
+    problems = range_problems(config)   # before any value is used
+    if problems:
+      raise ConfigError('; '.join(problems))
     if not config.pretrained:
       raise ConfigError('pretrained is empty: give --config.pretrained=PRETRAIN_DIR')
     if paths.absolute(workdir) == paths.absolute(config.pretrained):
@@ -171,9 +174,8 @@ class LinearEval:
     pre_config = pretrained.load_config(config.pretrained, config.pretrained_step)
     if not config.data.normalization:
       config.data.normalization = pre_config.data.normalization
-    problems = range_problems(config) + image_size_problems(pre_config.model.arch,
-                                                            config.data.image_size)
-    if problems:   # before the data is opened: a slice or size that cannot be
+    problems = image_size_problems(pre_config.model.arch, config.data.image_size)
+    if problems:   # before the data is opened
       raise ConfigError('; '.join(problems))
     self.info = inputs.dataset_info(config.data)
     # The evaluation split too, before anything is written to the workdir.
