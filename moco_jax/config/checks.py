@@ -52,7 +52,7 @@ def config_problems(config, num_devices: int) -> list[str]:
   what = ('2 × train.batch_size (moco.symmetric enqueues both views\' keys) = '
           if keys != batch else 'the global batch train.batch_size=')
   # K = 0: MoCo v3, the negatives are the global batch's keys (no queue).
-  if batch > 0 and (queue < 0 or queue % keys):
+  if batch > 0 and queue >= 0 and queue % keys:   # negative: config/ranges.py
     problems.append(
         f'moco.queue_size={queue} is not a positive multiple of {what}{keys} '
         f'(e.g. {max(1, queue // keys) * keys})')
@@ -107,7 +107,7 @@ def bn_group_problems(config, num_devices: int) -> list[str]:
             '(= old bn_splits × devices; 8 in every recipe, as the reference)']
   groups, batch = config.moco.bn_groups, config.train.batch_size
   if groups <= 0:
-    return [f'moco.bn_groups={groups} must be positive (8 in every recipe)']
+    return []   # config/ranges.py reports it
   problems = []
   if groups % num_devices or (batch > 0 and batch % groups):
     valid = [g for g in range(num_devices, max(batch, 1) + 1, num_devices)
