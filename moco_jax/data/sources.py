@@ -178,19 +178,26 @@ def _tfds_split_size(builder, data_config, split: str) -> int:
     if base not in prepared:
       raise DatasetError(
           f'{where} has no prepared split {split!r} (its splits: '
-          f'{", ".join(prepared)}); name one of them, e.g. '
+          f'{", ".join(prepared)}); name one of them, e.g. {_split_flag(data_config, split)}='
           f'{([p for p in prepared if p != data_config.train_split] or prepared)[0]}') from None
     reason = ' '.join(str(error).split())
     reason = reason[reason.find('When'):] if 'When' in reason else reason[:160]
     raise DatasetError(
         f'split {split!r} of {where} is not a valid TFDS slice ({reason}); e.g. '
-        f"{base}[:10%] or {base}[:1000]") from None
+        f"{_split_flag(data_config, split)}='{base}[:10%]' or '{base}[:1000]'") from None
   if size <= 0:
     sizes = ', '.join(f'{name} {builder.info.splits[name].num_examples:,}' for name in prepared)
     raise DatasetError(
         f'split {split!r} of {where} selects no example ({sizes} examples); '
-        f'choose a slice inside the split, e.g. {split.split("[")[0]}[:10%]')
+        f'choose a slice inside the split, e.g. '
+        f'{_split_flag(data_config, split)}=\'{split.split("[")[0]}[:10%]\'')
   return size
+
+
+def _split_flag(data_config, split: str) -> str:
+  """The flag that set `split` (so the hint names what to change)."""
+  key = 'train_split' if split == data_config.get('train_split') else 'eval_split'
+  return f'--config.data.{key}'
 
 
 # ----------------------------------------------------------------------------
