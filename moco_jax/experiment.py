@@ -15,6 +15,7 @@ from moco_jax.augment.normalization import MEAN_STD
 from moco_jax.data import inputs
 from moco_jax.data.info import DatasetError
 from moco_jax.models import build_encoder, frozen_params
+from moco_jax.models.encoder import is_vit
 from moco_jax.runtime.mesh import AXIS, make_mesh
 from moco_jax.state import create_state
 
@@ -53,11 +54,20 @@ def bn_layout(config, num_devices: int) -> dict:
           'bn_group_size': config.train.batch_size // groups}
 
 
-def describe_bn(layout: dict, shuffle_bn: bool) -> str:
-  """One start-up line, e.g. 'BN: 8 groups of 32 samples (8 per device), shuffle BN on'."""
+def describe_bn(layout: dict, shuffle_bn: bool, model=None) -> str:
+  """One start-up line, e.g. 'BN: 8 groups of 32 samples (8 per device), shuffle BN on'.
+
+  model: the config's `model` section; a ViT backbone has no BN (the line
+  says so instead of a group layout), and the v3 heads' BN is synchronised
+  over the whole global batch (SyncBN)."""
+  batch = layout['bn_groups'] * layout['bn_group_size']
+  heads = (f'; the v3 heads: SyncBN over the global batch of {batch}'
+           if model is not None and model.head == 'v3' else '')
+  if model is not None and is_vit(model.arch):
+    return f'BN: none in the ViT backbone{heads}'
   return (f'BN: {layout["bn_groups"]} groups of {layout["bn_group_size"]} samples '
           f'({layout["bn_groups_per_device"]} per device), '
-          f'shuffle BN {"on" if shuffle_bn else "off"}')
+          f'shuffle BN {"on" if shuffle_bn else "off"}{heads}')
 
 
 def total_steps(config, epoch_steps: int) -> int:

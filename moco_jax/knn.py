@@ -5,9 +5,13 @@
 
 Uses the config saved with the checkpoint (any value can be overridden, e.g.
 --config.data.data_dir=... when the data moved), prints knn_top1 and appends
-it to PRETRAIN_DIR/metrics.jsonl at the checkpoint's step.
+it, with the features, k and split it was measured with, to
+PRETRAIN_DIR/knn_evaluations.jsonl (metrics.jsonl keeps the training run's own
+kNN curve).
 """
+import json
 import os
+import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
 
@@ -19,11 +23,13 @@ from moco_jax.runtime import cli
 from moco_jax.runtime.mesh import make_mesh
 
 FLAGS = flags.FLAGS
+EVALUATIONS_FILE = 'knn_evaluations.jsonl'   # this CLI's results, one JSON line each
 
 
 def define_flags():
   """Command-line flags; defined only when run as a program, so importing
   this module next to another absl program does not clash."""
+  cli.check_flagfiles(sys.argv)   # before config_flags reads them (one line, not a traceback)
   flags.DEFINE_string('workdir', None, 'A moco_jax pretraining workdir.')
   flags.DEFINE_integer('step', -1, 'Checkpoint step to evaluate; -1: the newest.')
   # Only the overridden values are used, applied to the checkpoint's config.
@@ -51,7 +57,7 @@ def main(argv):
   from moco_jax.weights import pretrained
   from moco_jax.config.checks import ConfigError
   from moco_jax.data.info import DatasetError
-  from moco_jax.runtime.metric_writer import MetricWriter
+  from moco_jax.runtime import paths
   try:
     step = pretrained.checkpoint_step(FLAGS.workdir, FLAGS.step)
     config = pretrained.apply_overrides(pretrained.load_config(FLAGS.workdir, step),
@@ -62,12 +68,19 @@ def main(argv):
     metrics = evaluator(run.encoder_params, run.encoder_batch_stats)
   except (pretrained.PretrainedError, DatasetError, ConfigError) as error:
     cli.fail(error)
-  writer = MetricWriter(FLAGS.workdir, enabled=jax.process_index() == 0)
-  writer.write(step, metrics)
-  writer.close()
-  print(f'step {step}: knn_top1 {metrics["knn_top1"]:.2f} '
-        f'(k={evaluator.k}, t={config.eval.knn_t}, '
-        f'features={knn.knn_features(config)})')
+  features = knn.knn_features(config)
+  line = (f'step {step}: knn_top1 {metrics["knn_top1"]:.2f} (k={evaluator.k}, '
+          f't={config.eval.knn_t}, features={features})')
+  print(line)
+  if jax.process_index() == 0:
+    # Apart from metrics.jsonl: the training curve keeps one kNN value per
+    # step, measured as the run measured it (its features and k).
+    record = {'step': step, 'knn_top1': round(metrics['knn_top1'], 4),
+              'knn_features': features, 'knn_k': evaluator.k, 'knn_t': config.eval.knn_t,
+              'eval_split': config.data.eval_split}
+    target = paths.join(FLAGS.workdir, EVALUATIONS_FILE)
+    paths.append_text(target, json.dumps(record) + '\n')
+    print(f'recorded in {target}')
 
 
 if __name__ == '__main__':

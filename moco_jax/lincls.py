@@ -1,6 +1,6 @@
 """Command line: linear evaluation of a pretraining run.
 
-  python -m moco_jax.lincls --config=configs/lincls_cifar10.py --workdir=OUT \
+  python -m moco_jax.lincls --config=configs/lincls_cifar10.py --workdir=OUT \\
       --config.pretrained=PRETRAIN_DIR
 
 The protocol is described in moco_jax/evaluation/linear.py. Rerun the same
@@ -8,6 +8,7 @@ command to resume; Ctrl-C or SIGTERM saves the current step first (a second
 Ctrl-C exits at once).
 """
 import os
+import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
 
@@ -23,6 +24,7 @@ FLAG_NAMES = ('config', 'workdir')
 def define_flags():
   """Command-line flags; defined only when run as a program, so importing
   this module next to another absl program does not clash."""
+  cli.check_flagfiles(sys.argv)   # before config_flags reads them (one line, not a traceback)
   config_flags.DEFINE_config_file('config', None, 'Path to a lincls config file '
                                   '(configs/lincls_*.py).', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')

@@ -11,6 +11,7 @@ Several processes (hosts): the same command on each, plus either
 --coordinator_address=HOST:PORT --num_processes=N --process_id=i.
 """
 import os
+import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
 
@@ -25,6 +26,7 @@ FLAGS = flags.FLAGS
 def define_flags():
   """Command-line flags; defined only when run as a program, so importing
   this module next to another absl program does not clash."""
+  cli.check_flagfiles(sys.argv)   # before config_flags reads them (one line, not a traceback)
   config_flags.DEFINE_config_file('config', None, 'Path to a config file (a recipe '
                                   'in configs/).', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
@@ -37,10 +39,13 @@ def define_flags():
                       'hand (with --num_processes and --process_id).')
   flags.DEFINE_integer('num_processes', None, 'Processes in the multi-process run.')
   flags.DEFINE_integer('process_id', None, "This process's index, 0…num_processes-1.")
+  flags.DEFINE_float('coordinator_timeout', 300.0,
+                     'Seconds a multi-process start may wait for the coordinator '
+                     'and the other processes before it stops with one line.')
 
 
 FLAG_NAMES = ('config', 'workdir', 'show_config', 'distributed', 'coordinator_address',
-              'num_processes', 'process_id')
+              'num_processes', 'process_id', 'coordinator_timeout')
 
 
 def usage() -> str:
@@ -73,14 +78,15 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax/tfds info lines drown the bar
   config = load_config()
   if FLAGS.show_config:
-    print(config)
+    print(cli.config_text(config))
     return
   # Before anything asks JAX for devices (a config may: configs/quickstart.py):
   # JAX joins a cluster only before its backends start.
   from moco_jax.runtime import distributed
   try:
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
-                           FLAGS.process_id, auto=FLAGS.distributed)
+                           FLAGS.process_id, auto=FLAGS.distributed,
+                           timeout_s=FLAGS.coordinator_timeout)
   except distributed.DistributedError as error:
     cli.fail(error)
   cli.import_tensorflow_quietly()

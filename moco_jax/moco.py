@@ -3,6 +3,8 @@
 Shapes: N local batch, B global batch, C projection dim, K queue size.
 No TensorFlow here: this runs on accelerator machines.
 """
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -132,6 +134,26 @@ def batch_contrastive_loss(logits, labels, temperature):
   `labels`, × 2T (scalar float32)."""
   picked = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
   return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - picked) * (2 * temperature)
+
+
+def chance_loss(queue_size: int, global_batch: int, temperature: float,
+                symmetric: bool) -> float:
+  """The loss when the features carry no information (every logit of a row
+  equal): a uniform guess among the candidates, ln(candidates), × the loss's
+  scale, summed over the loss directions (loss_directions).
+
+  v1/v2 (infonce_loss, K = queue_size > 0): ln(K + 1) per direction, scale 1.
+  v3 (batch_contrastive_loss, K = 0): ln(B) per direction, scale 2T, the
+  negatives being the global batch's B keys.
+
+  Returns:
+    float, in the units of the logged `loss`.
+  """
+  if queue_size > 0:
+    candidates, scale = queue_size + 1, 1.0
+  else:
+    candidates, scale = global_batch, 2.0 * temperature
+  return len(loss_directions(symmetric)) * scale * math.log(candidates)
 
 
 def positive_first(logits, labels):

@@ -11,10 +11,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from moco_jax import moco
 from moco_jax.config import resume_rules
 from moco_jax.config.checks import queue_warning
 from moco_jax.evaluation import collapse, knn as knn_evaluation
 from moco_jax.experiment import Experiment, describe_bn
+from moco_jax.models.encoder import is_vit
 from moco_jax.runtime import checkpointing, paths, progress as clock
 from moco_jax.runtime.loop import LoopHarness
 from moco_jax.runtime.metric_writer import MetricWriter
@@ -44,8 +46,13 @@ def restore_or_init(experiment: Experiment, checkpointer: checkpointing.Checkpoi
     return init_state(experiment)
   try:
     saved = checkpointer.restore_config(steps[-1])
-  except Exception:  # unreadable: restore_newest_valid deals with it
+  except Exception as error:  # the state may still read: restore_newest_valid decides
     saved = None
+    if jax.process_index() == 0:
+      print(f'warning: the config saved with {checkpointer.path(steps[-1])} cannot be '
+            f'read ({checkpointing.readable_reason(error)}), so whether this run may '
+            f'continue it (same arch, head, queue, ...) is not checked; resuming with '
+            f'this command\'s config', flush=True)
   if saved is not None:
     problems = resume_rules.incompatibilities(saved, experiment.config.to_dict())
     if problems:
@@ -106,10 +113,11 @@ def _queue_warning(config, experiment) -> str | None:
                               keys_per_step)
 
 
-def _log_knn(knn, state, step: int, writer, bar) -> dict:
-  metrics = knn(state.params, state.batch_stats)  # eval.knn_features picks
+def _log_knn(knn, state, step: int, writer, harness) -> dict:
+  with harness.busy('this kNN pass and the next step'):   # what a Ctrl-C now waits for
+    metrics = knn(state.params, state.batch_stats)  # eval.knn_features picks
   writer.write(step, metrics)
-  bar.write(f'step {step}: knn_top1 {metrics["knn_top1"]:.2f}')
+  harness.write(f'step {step}: knn_top1 {metrics["knn_top1"]:.2f}')
   return metrics
 
 
@@ -123,7 +131,7 @@ def startup_summary(experiment: Experiment, workdir: str) -> str:
   return (f'pretrain: {len(devices)} {devices[0].platform.upper()} device'
           f'{"s" if len(devices) > 1 else ""} ({kinds}){hosts}; global batch {batch} '
           f'({batch // len(devices)} per device); '
-          f'{describe_bn(experiment.bn_layout, config.moco.shuffle_bn)}; '
+          f'{describe_bn(experiment.bn_layout, config.moco.shuffle_bn, config.model)}; '
           f'{experiment.total_steps:,} steps = '
           f'{experiment.total_steps / experiment.epoch_steps:.3g} epochs of '
           f'{experiment.epoch_steps:,} steps; {info.num_examples:,} training images '
@@ -197,10 +205,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   batches = experiment.train_batches(start_step)  # host tf.data or data.on_device
   step_fn = experiment.train_step()
   monitor = collapse.monitor_for(
-      config, round(config.optim.warmup_epochs * experiment.epoch_steps),
+      config, moco.chance_loss(config.moco.queue_size, config.train.batch_size,
+                               config.moco.temperature, config.moco.symmetric),
+      round(config.optim.warmup_epochs * experiment.epoch_steps),
       experiment.epoch_steps)
   last_metrics = {}
-  bn_facts = dict(experiment.bn_layout)  # in this run's first metrics line
+  # In this run's first metrics line; a ViT backbone has no BN groups.
+  bn_facts = {} if is_vit(config.model.arch) else dict(experiment.bn_layout)
   harness = LoopHarness(
       'pretrain', start_step, last_step, checkpointer, saved_config=config.to_dict(),
       batch_size=config.train.batch_size, log_every=config.train.log_every,
@@ -223,17 +234,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     writer.write(done, {**bn_facts, **last_metrics})
     bn_facts = {}
     _watch_collapse(monitor, done, last_metrics, config, harness)
-    harness.bar.set_postfix(loss=f'{metrics["loss"]:.3f}',
-                            **({'img_s': f'{rate:.0f}'} if rate else {}))
+    harness.set_postfix(done, loss=f'{metrics["loss"]:.3f}',
+                        **({'img_s': f'{rate:.0f}'} if rate else {}))
 
   def evaluate(done, state):
     last_metrics.update(_log_knn(knn, state, done, writer, harness))
 
   with harness:
-    if knn is not None and config.eval.knn_at_start and start_step == 0:
-      evaluate(0, state)
     harness.run(state, step_fn, lambda: _device_batch(experiment, batches), log=log,
-                evaluate=evaluate if knn_every > 0 else None, eval_every=knn_every)
+                evaluate=evaluate if knn_every > 0 else None, eval_every=knn_every,
+                evaluate_first=(evaluate if knn is not None and config.eval.knn_at_start
+                                and start_step == 0 else None))
   if not harness.stopped_by:
     say(_finished_line(last_metrics, last_step, time.perf_counter() - run_start,
                        checkpointer))

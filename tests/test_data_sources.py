@@ -69,7 +69,8 @@ def image_folder(tmp_path_factory):
 
 
 def folder_config(root, **overrides):
-  config = smoke_config('', **overrides)
+  # train_split '.': the folder itself, its subfolders the classes.
+  config = smoke_config('', **{'data.train_split': '.', **overrides})
   config.data.dataset = f'folder:{root}'
   return config
 
@@ -80,7 +81,7 @@ def test_folder_listing_labels_and_formats(image_folder):
   assert info.class_names == CLASSES
   valid = sum(len(v) for v in image_folder['paths'].values())
   assert info.num_examples == valid + 1          # the corrupt file is listed
-  split = sources.process_split(config.data, 'train', drop_remainder=False)
+  split = sources.process_split(config.data, config.data.train_split, drop_remainder=False)
   records = list(split.records.as_numpy_iterator())
   got = {r['path'].decode(): int(r['label']) for r in records}
   expected = {p: CLASSES.index(name) for name, ps in image_folder['paths'].items()
@@ -91,7 +92,7 @@ def test_folder_listing_labels_and_formats(image_folder):
 
 def test_eval_batches_decode_every_format_and_skip_the_corrupt_file(image_folder):
   config = folder_config(image_folder['root'], **{'data.image_size': 16})
-  batches = pipeline.eval_batches(config.data, 'train', 8)
+  batches = pipeline.eval_batches(config.data, config.data.train_split, 8)
   images, labels = [], []
   for batch in batches:
     images.append(batch['image'][batch['mask']])
@@ -100,7 +101,7 @@ def test_eval_batches_decode_every_format_and_skip_the_corrupt_file(image_folder
   paths = image_folder['paths']
   assert len(images) == sum(len(v) for v in paths.values())      # corrupt skipped
   assert images.shape[1:] == (16, 16, 3) and images.dtype == np.uint8
-  split = sources.process_split(config.data, 'train', drop_remainder=False)
+  split = sources.process_split(config.data, config.data.train_split, drop_remainder=False)
   in_order = [r['path'].decode() for r in split.records.as_numpy_iterator()
               if r['path'].decode() != image_folder['corrupt']]
   # Each image against PIL's RGB conversion (grayscale replicated, alpha
@@ -186,7 +187,7 @@ def test_eval_split_subfolders(tmp_path):
   root = tmp_path / 'data'
   build_image_folder(root / 'train', per_class=2, corrupt=False)
   build_image_folder(root / 'val', per_class=1, seed=1, corrupt=False)
-  config = folder_config(str(root))
+  config = folder_config(str(root), **{'data.train_split': 'train'})
   assert sources.dataset_info(config.data).num_examples == 6
   assert sources.dataset_info(config.data, 'val').num_examples == 3
   with pytest.raises(DatasetError, match="no folder for split 'validation'"):
@@ -203,13 +204,13 @@ def test_process_splits_are_disjoint_and_cover(source, image_folder, tiny_data_d
                                                monkeypatch):
   config = (folder_config(image_folder['root']) if source == 'folder'
             else smoke_config(tiny_data_dir))
-  total = sources.dataset_info(config.data, 'train').num_examples
+  total = sources.dataset_info(config.data, config.data.train_split).num_examples
   processes = 3
   monkeypatch.setattr(jax, 'process_count', lambda: processes)
 
   def part(index, drop_remainder):
     monkeypatch.setattr(jax, 'process_index', lambda: index)
-    split = sources.process_split(config.data, 'train', drop_remainder)
+    split = sources.process_split(config.data, config.data.train_split, drop_remainder)
     records = [split.load(r) for r in split.records]
     assert len(records) == split.num_examples
     return [r['image'].numpy() for r in records]
@@ -271,3 +272,47 @@ def test_cli_pretrains_on_a_folder_with_knn(tmp_path):
   assert np.isfinite(training[-1]['loss'])
   assert 0 <= training[-1]['skipped_images'] <= 1    # the truncated JPEG, once
   assert [e['step'] for e in events if 'knn_top1' in e] == [1, 2, 3, 4]
+
+
+# ---- split-leak guard -----------------------------------------------------------
+
+def test_a_missing_training_folder_is_an_error_not_the_parent(tmp_path):
+  """Splits named otherwise (training/, val/): the parent would be trained on
+  with 'training' and 'val' as its two classes, validation images included."""
+  root = tmp_path / 'data'
+  build_image_folder(root / 'training', per_class=2, corrupt=False)
+  build_image_folder(root / 'val', per_class=1, seed=1, corrupt=False)
+  config = folder_config(str(root), **{'data.train_split': 'train',
+                                       'data.eval_split': 'val'})
+  with pytest.raises(DatasetError) as error:
+    sources.dataset_info(config.data)
+  message = str(error.value)
+  assert f"no folder for the training split 'train' ({root}/train does not exist; " \
+         f"its subfolders: training, val)" in message
+  assert '--config.data.train_split=NAME' in message and '\n' not in message
+  config.data.train_split = 'training'                      # the fix it names
+  assert sources.dataset_info(config.data).num_examples == 6
+
+
+@pytest.mark.parametrize('eval_split', ['val', 'validation'])
+def test_the_training_split_never_contains_the_evaluation_split(tmp_path, eval_split):
+  root = tmp_path / 'data'
+  build_image_folder(root / 'cats_and_dogs', per_class=2, corrupt=False)
+  build_image_folder(root / eval_split, per_class=1, seed=1, corrupt=False)
+  config = folder_config(str(root), **{'data.eval_split': eval_split})  # train_split '.'
+  for split in ('.', eval_split):                            # whichever is read first
+    sources._scan.cache_clear()
+    with pytest.raises(DatasetError,
+                       match=f"contains the evaluation split data.eval_split='{eval_split}'"):
+      sources.dataset_info(config.data, split)
+  # Deliberately the same split for both (kNN on the training images): allowed.
+  config.data.eval_split = '.'
+  assert sources.dataset_info(config.data).num_examples == 9
+  # The CLI: one line, no workdir.
+  from test_train import run_cli
+  workdir = tmp_path / 'run'
+  result = run_cli(workdir, '', f'--config.data.dataset=folder:{root}',
+                   '--config.data.train_split=.', f'--config.data.eval_split={eval_split}')
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert result.returncode != 0 and len(lines) == 1, result.stderr[-2000:]
+  assert 'contains the evaluation split' in lines[0] and not workdir.exists()

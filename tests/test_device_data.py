@@ -298,3 +298,21 @@ def test_npz_trains_and_evaluates_without_tensorflow(tiny_data_dir, tiny_npz, tm
                           capture_output=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'ok' in result.stdout
+
+
+def test_on_device_true_is_refused_when_the_splits_do_not_fit(tiny_data_dir, monkeypatch):
+  """64 + 32 images of 16×16×3 bytes: 73,729 bytes (one process); a device
+  of 40,000 bytes takes at most 36,000 (0.9): refused, naming both sizes."""
+  from moco_jax.data import device
+  from moco_jax.runtime.mesh import make_mesh
+  config = device_config(tiny_data_dir)
+  monkeypatch.setattr(device, 'device_memory_bytes', lambda mesh: 40_000)
+  need = (64 + 32) * 16 * 16 * 3 + 1
+  assert need > 0.9 * 40_000
+  with pytest.raises(DatasetError) as error:
+    inputs.on_device(config.data, make_mesh())
+  message = str(error.value)
+  assert message.startswith('data.on_device=True: the splits train, test take '
+                            f'{need / 2**30:.2f} GiB per device, more than 0.9 of')
+  monkeypatch.setattr(device, 'device_memory_bytes', lambda mesh: 10 * need)
+  assert inputs.on_device(config.data, make_mesh()) == (True, 'data.on_device=True')

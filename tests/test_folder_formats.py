@@ -59,6 +59,7 @@ def test_every_readable_image_trains_and_bad_files_are_named_once(folder, capsys
   root, colours, bad = folder
   config = smoke_config('', **{'data.image_size': 8})
   config.data.dataset = f'folder:{root}'
+  config.data.train_split = '.'   # the folder itself: its subfolders are the classes
   info = sources.dataset_info(config.data)
   assert info.num_examples == 12 and info.class_names == ('a', 'b')
   notes = [l for l in capsys.readouterr().out.splitlines() if l.startswith('note:')]
@@ -80,7 +81,7 @@ def test_cli_names_the_unreadable_files(folder, tmp_path):
   root, _, bad = folder
   workdir = tmp_path / 'run'
   result = run_cli(workdir, '', f'--config.data.dataset=folder:{root}',
-                   '--config.train.batch_size=4', '--config.moco.bn_groups=2',
+                   '--config.data.train_split=.', '--config.train.batch_size=4', '--config.moco.bn_groups=2',
                    '--config.moco.queue_size=8', '--config.train.num_steps=6',
                    '--config.train.log_every=3', '--config.data.image_size=8')
   assert result.returncode == 0, result.stderr[-3000:]

@@ -121,7 +121,9 @@ def test_knn_cli_reads_and_logs_into_a_gs_workdir(gs_run):
                            '--step=4', '--config.eval.batch_size=24', '--config.eval.knn_k=10'],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
-  last = read_metrics(RUN)[-1]
+  from moco_jax.runtime import paths
+  lines = paths.read_bytes(paths.join(RUN, 'knn_evaluations.jsonl')).decode().splitlines()
+  last = json.loads(lines[-1])
   assert last['step'] == 4 and 0 <= last['knn_top1'] <= 100
 
 

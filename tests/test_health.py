@@ -56,7 +56,7 @@ def test_feature_std_over_devices_equals_numpy():
 
 
 def test_collapse_monitor_warns_once_after_patience():
-  chance = collapse.chance_loss(64, 16)
+  chance = moco.chance_loss(64, 16, 0.2, symmetric=False)
   assert chance == pytest.approx(math.log(65))
   monitor = collapse.CollapseMonitor(dim=16, chance=chance, grace_steps=10, causes='x')
   healthy = {'feature_std': 0.2, 'loss': 3.0}
@@ -109,3 +109,94 @@ def test_forced_collapse_is_reported_and_stops_with_exit_3(tiny_data_dir, tmp_pa
   assert all(e['feature_std'] < 0.1 * healthy for e in logged[-collapse.PATIENCE:])
   saved = checkpointing.Checkpointer(workdir).all_steps()
   assert saved and max(saved) < stopped_at               # nothing saved at the stop
+
+
+# --- the loss at chance, per loss ---------------------------------------------
+
+@pytest.mark.parametrize('queue_size, batch, temperature, symmetric', [
+    (64, 16, 0.2, False),      # v1/v2
+    (64, 16, 0.2, True),       # the CIFAR demo's symmetric v2
+    (0, 256, 0.2, True),       # v3 (the CPU recipe: 4.44, not 11.09)
+    (0, 16, 1.0, False),
+])
+def test_chance_loss_is_ln_candidates_times_the_losses_scale(queue_size, batch,
+                                                             temperature, symmetric):
+  directions = 2 if symmetric else 1
+  candidates = queue_size + 1 if queue_size else batch
+  scale = 1.0 if queue_size else 2 * temperature
+  want = directions * scale * np.log(candidates)            # the NumPy derivation
+  got = moco.chance_loss(queue_size, batch, temperature, symmetric)
+  assert got == pytest.approx(want, rel=1e-12)
+  # And the losses themselves, on features that carry no information (every
+  # query, key and negative the same unit vector), sit exactly there.
+  same = jnp.ones((batch, 8)) / jnp.sqrt(8.0)
+  if queue_size:
+    one = moco.infonce_loss(moco.contrastive_logits(same, same, same[:1].repeat(
+        queue_size, 0), temperature))
+  else:
+    one = moco.batch_contrastive_loss(*moco.batch_logits(same, same, temperature),
+                                      temperature)
+  assert directions * float(one) == pytest.approx(want, rel=1e-5)
+  if (queue_size, batch, temperature) == (0, 256, 0.2):
+    assert got == pytest.approx(4.436, abs=1e-3)
+
+
+def _v3_run(lr, steps=200, batch=256, dim=32, temperature=1.0, seed=0):
+  """Logged losses of a small v3 run: a linear encoder with a large shared
+  offset (as a network at initialisation: all features alike), two noisy views
+  of each image, the symmetric v3 loss (moco.batch_contrastive_loss), SGD at
+  `lr`; every 10 steps the loss goes to the monitor as the loop would."""
+  import optax
+  rng = np.random.default_rng(seed)
+  images = rng.normal(size=(4 * batch, 64)).astype(np.float32)
+  params = {'w': jnp.asarray(rng.normal(size=(64, dim)) * 0.02, jnp.float32),
+            'b': jnp.asarray(rng.normal(size=(dim,)), jnp.float32)}
+
+  def loss_fn(params, x1, x2):
+    f1, f2 = (moco.l2_normalize(x @ params['w'] + params['b']) for x in (x1, x2))
+    return sum(moco.batch_contrastive_loss(*moco.batch_logits(q, k, temperature),
+                                           temperature)
+               for q, k in ((f1, f2), (f2, f1)))
+
+  optimizer = optax.sgd(lr)
+  opt_state = optimizer.init(params)
+
+  @jax.jit
+  def step(params, opt_state, x1, x2):
+    loss, grads = jax.value_and_grad(loss_fn)(params, x1, x2)
+    updates, opt_state = optimizer.update(grads, opt_state)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  config = _v3_monitor_config(lr, temperature, batch, dim)
+  monitor = collapse.monitor_for(
+      config, moco.chance_loss(0, batch, temperature, symmetric=True), 0,
+      len(images) // batch)
+  for t in range(1, steps + 1):
+    x = images[rng.choice(len(images), batch, replace=False)]
+    x1, x2 = (x + rng.normal(scale=0.3, size=x.shape).astype(np.float32)
+              for _ in range(2))
+    params, opt_state, loss = step(params, opt_state, x1, x2)
+    if t % 10 == 0:
+      warning = monitor.update(t, {'loss': float(loss), 'feature_std': 0.1})
+      if warning:
+        return t, warning
+  return None, float(loss)
+
+
+def _v3_monitor_config(lr, temperature, batch, dim):
+  import ml_collections
+  return ml_collections.ConfigDict({
+      'model': {'dim': dim}, 'dtype': 'float32',
+      'optim': {'base_lr': lr, 'warmup_epochs': 0.0},
+      'moco': {'queue_size': 0, 'temperature': temperature, 'symmetric': True},
+      'train': {'batch_size': batch}})
+
+
+def test_monitor_warns_on_a_v3_run_held_at_chance_and_not_on_a_learning_one():
+  step, warning = _v3_run(lr=0.0)
+  assert step is not None and step <= 200, warning
+  assert warning.startswith(f'warning: not learning at step {step}: loss ')
+  assert 'optim.base_lr=0' in warning and '\n' not in warning
+  step, last_loss = _v3_run(lr=1.0)
+  assert step is None, last_loss
+  assert last_loss < 0.9 * moco.chance_loss(0, 256, 1.0, symmetric=True)

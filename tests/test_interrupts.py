@@ -106,3 +106,66 @@ def test_stop_requests_in_python_raise_on_the_second_ctrl_c():
       raised = True
   assert raised
   assert signal.getsignal(signal.SIGINT) is before
+
+
+# A process that asks for a stop 20 times, each time with one SIGINT that
+# arrives while the main thread runs Python code (where both the Python
+# handler and the wakeup-fd watcher see the same signal).
+_BUSY_ROUNDS = '''
+import sys, time
+from moco_jax.runtime.preemption import StopRequests
+rounds, save_seconds = int(sys.argv[1]), float(sys.argv[2])
+for round_ in range(rounds):
+  with StopRequests('exit', 'error: interrupted twice', announce=True) as stop:
+    print('ready', flush=True)
+    total = 0
+    while not stop.requested:
+      total += sum(range(200))
+    saving_until = time.time() + save_seconds   # a slow save, also Python work
+    while time.time() < saving_until:
+      total += sum(range(200))
+    print(f'saved {round_}', flush=True)
+'''
+
+
+def test_one_ctrl_c_during_python_work_is_one_stop_request_20_times():
+  rounds = 20
+  env = dict(os.environ, PYTHONPATH=REPO)
+  process = subprocess.Popen([sys.executable, '-c', _BUSY_ROUNDS, str(rounds), '0'],
+                             env=env, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+  saved = 0
+  for round_ in range(rounds):
+    if process.stdout.readline().strip() != 'ready':
+      break
+    time.sleep(0.05)                                  # well inside the busy loop
+    process.send_signal(signal.SIGINT)
+    if process.stdout.readline().strip() != f'saved {round_}':
+      break
+    saved += 1
+  process.stdout.close()
+  stderr = process.stderr.read()
+  assert process.wait(timeout=60) == 0, stderr[-2000:]
+  assert saved == rounds, stderr[-2000:]
+  noted = [line for line in stderr.splitlines() if line.strip()]
+  assert len(noted) == rounds and all(
+      line.startswith('SIGINT: stop noted; the run finishes the current step, saves')
+      for line in noted), stderr[-2000:]
+
+
+def test_two_ctrl_c_during_python_work_still_exit_130_at_once():
+  env = dict(os.environ, PYTHONPATH=REPO)
+  process = subprocess.Popen([sys.executable, '-c', _BUSY_ROUNDS, '1', '60'],
+                             env=env, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+  assert process.stdout.readline().strip() == 'ready'
+  process.send_signal(signal.SIGINT)
+  time.sleep(0.5)                                     # now in the 60 s save
+  sent = time.time()
+  process.send_signal(signal.SIGINT)
+  stdout, stderr = process.communicate(timeout=60)
+  assert process.returncode == 130, stderr[-2000:]
+  assert time.time() - sent < 10
+  assert 'saved' not in stdout and 'Traceback' not in stderr
+  lines = [line for line in stderr.splitlines() if line.strip()]
+  assert lines[0].startswith('SIGINT: stop noted') and lines[-1] == 'error: interrupted twice'

@@ -1,4 +1,5 @@
 """kNN monitor: the vote against a NumPy reference; the sharded evaluator; the CLI."""
+import json
 import os
 import subprocess
 import sys
@@ -154,15 +155,20 @@ def run_knn_cli(*args):
 
 
 def test_knn_cli_appends_knn_top1_at_the_checkpoint_step(smoke_pretrain_dir, tmp_path):
-  workdir = copy_of(smoke_pretrain_dir, tmp_path)    # the CLI appends to its metrics
+  workdir = copy_of(smoke_pretrain_dir, tmp_path)    # the CLI appends to its evaluations
   result = run_knn_cli(f'--workdir={workdir}', '--step=2',
                        '--config.eval.knn_k=10', '--config.eval.batch_size=24',
                        '--config.eval.knn_features=head')
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'knn_top1' in result.stdout and 'k=10' in result.stdout
   assert 'features=head' in result.stdout
-  last = read_metrics(workdir)[-1]
+  # Apart from the training curve (metrics.jsonl), with what it measured.
+  assert not any(e['step'] == 2 and 'knn_top1' in e for e in read_metrics(workdir))
+  with open(os.path.join(workdir, 'knn_evaluations.jsonl')) as f:
+    last = json.loads(f.read().splitlines()[-1])
   assert last['step'] == 2 and 0 <= last['knn_top1'] <= 100
+  assert last['knn_features'] == 'head' and last['knn_k'] == 10
+  assert last['knn_top1'] == round(last['knn_top1'], 4)
 
 
 def test_knn_cli_without_checkpoints_is_one_clear_line(tmp_path):

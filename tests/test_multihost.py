@@ -237,3 +237,33 @@ def test_cli_bad_distributed_flags_exit_2_with_one_line(tmp_path):
   assert result.stderr.strip() == ('error: --process_id=5 is not in 0…1 '
                                    '(--num_processes=2)'), result.stderr[-2000:]
   assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize('process_id, message', [
+    (1, 'error: no coordinator answered at --coordinator_address=127.0.0.1:'),
+    (0, 'error: the multi-process start gave up after 4 s (--coordinator_timeout) '
+        'waiting for all 2 processes to join'),
+])
+def test_unreachable_coordinator_exits_within_the_timeout_with_one_line(
+    tmp_path, process_id, message):
+  """Process 1 finds no coordinator; process 0 waits for a process 1 that
+  never comes. Both stop after --coordinator_timeout with one line, instead of
+  JAX's C++ abort (exit 134, two stack traces) after 5 minutes."""
+  workdir = tmp_path / 'run'
+  env = child_env(1)
+  command = [sys.executable, '-m', 'moco_jax.main', '--config=configs/smoke.py',
+             f'--workdir={workdir}', f'--coordinator_address=127.0.0.1:{free_port()}',
+             '--num_processes=2', f'--process_id={process_id}',
+             '--coordinator_timeout=4']
+  started = time.time()
+  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=240)
+  elapsed = time.time() - started
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert result.returncode not in (0, 134), result.stderr[-2000:]
+  assert len(lines) == 1 and lines[0].startswith(message), result.stderr[-2000:]
+  assert 'Check failure' not in result.stderr and 'Traceback' not in result.stderr
+  assert not workdir.exists()
+  # 4 s of waiting plus the interpreter's start (slow on a loaded machine),
+  # far below JAX's 300 s.
+  assert elapsed < 4 + 60, elapsed

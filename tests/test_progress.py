@@ -54,3 +54,21 @@ def test_estimate_only_for_runs_longer_than_a_day():
   assert progress.long_run_estimate(780, 1.5, '1 CPU device') is None
   assert progress.format_duration(3725) == '1 h 2 min'
   assert progress.format_duration(75) == '1 min 15 s'
+
+
+def test_eta_counts_the_knn_passes_still_to_come():
+  from moco_jax.runtime import progress
+  from moco_jax.runtime.loop import evaluations_left as knn_passes_left
+
+  def passes(done, last, every):   # counted one step at a time
+    return sum(1 for s in range(done + 1, last + 1) if s % every == 0 or s == last)
+
+  for last in range(1, 25):
+    for every in range(1, 8):
+      for done in range(last + 1):
+        assert knn_passes_left(done, last, every) == passes(done, last, every)
+  assert knn_passes_left(3, 10, 0) == 0
+  # The CPU recipe: 780 steps, kNN after epoch 2 (390) and at the end.
+  assert knn_passes_left(100, 780, 390) == 2
+  assert progress.eta_seconds(680, 1.0, 2, 45.0) == 680 + 90
+  assert progress.eta_seconds(680, None, 2, 45.0) is None

@@ -74,6 +74,8 @@ def data_config(source, location, cache=False):
   config = smoke_config(location if source == 'tfds' else '',
                         **{'data.image_size': 8, 'data.cache': cache})
   config.data.dataset = 'sorted_images' if source == 'tfds' else f'folder:{location}'
+  if source == 'folder':
+    config.data.train_split = '.'   # the folder itself: its subfolders are the classes
   return config.data
 
 
@@ -95,7 +97,7 @@ def test_an_epoch_mixes_the_classes(source, cache, sorted_folder, sorted_tfds):
 
 def test_epoch_orders_are_permutations_keyed_by_seed_process_epoch(sorted_folder):
   config = data_config('folder', sorted_folder)
-  split = pipeline.process_split(config, 'train', drop_remainder=True)
+  split = pipeline.process_split(config, config.train_split, drop_remainder=True)
 
   def paths(seed, process, epoch, start=0):
     epochs = order.EpochOrder(config, split, seed, process)
@@ -113,7 +115,7 @@ def test_a_tfds_split_too_large_for_memory_is_shuffled_approximately(
     sorted_tfds, monkeypatch, capsys):
   """Shuffled files + a buffer, with a warning; still stateless (resume exact)."""
   config = data_config('tfds', sorted_tfds)
-  split = pipeline.process_split(config, 'train', drop_remainder=True)
+  split = pipeline.process_split(config, config.train_split, drop_remainder=True)
   buffer = 200
   monkeypatch.setattr(order, 'IN_MEMORY_BYTES', buffer * split.record_bytes // split.num_examples)
   monkeypatch.setattr(order, '_warned', set())

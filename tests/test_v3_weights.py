@@ -152,3 +152,17 @@ def test_timm_runs_the_exported_pth_and_the_import_reads_it_back(v3_workdir, tin
       v3_smoke_config(tiny_data_dir, init_from=ckpt))))
   jax.tree.map(np.testing.assert_array_equal, state.params,
                jax.tree.map(np.asarray, variables['params']))
+
+
+def test_timm_export_says_its_image_size_and_counts_bn_batches_to_the_step(
+    v3_workdir, tmp_path, capsys):
+  config, step, _ = export.restore_encoder(v3_workdir)
+  path = export.export(v3_workdir, 'timm', str(tmp_path / 'vit.npz'), with_head=True)
+  size = config.data.image_size
+  grid = size // 8                                    # vit_cpu: patch 8
+  assert (f'note: written for {size}x{size} images (pos_embed: a {grid}x{grid} grid of '
+          f'8-pixel patches' in capsys.readouterr().err)
+  with np.load(path) as data:
+    assert data['pos_embed'].shape == (1, 1 + grid * grid, 128)
+    counters = {k: int(v) for k, v in data.items() if k.endswith('num_batches_tracked')}
+  assert counters and set(counters.values()) == {step}

@@ -7,6 +7,7 @@ from moco_jax.models.vit import ARCHS as VIT_ARCHS
 from moco_jax.moco import MOMENTUM_SCHEDULES
 from moco_jax.optim import OPTIMIZERS, SCHEDULES
 from moco_jax.augment.normalization import MEAN_STD
+from moco_jax.config.ranges import range_problems
 
 DTYPES = ('float32', 'bfloat16')
 KNN_FEATURES = ('backbone', 'head')
@@ -23,8 +24,9 @@ def _choice(problems, name, value, valid):
 
 def config_problems(config, num_devices: int) -> list[str]:
   """Every problem with `config` for a run on `num_devices` devices, as
-  one-line messages naming the value and what would be valid."""
-  problems = []
+  one-line messages naming the value and what would be valid. Each key's
+  own range is config/ranges.py's; the checks here combine keys."""
+  problems = range_problems(config)
   _choice(problems, 'model.arch', config.model.arch, tuple(ARCHS) + tuple(VIT_ARCHS))
   _choice(problems, 'model.head', config.model.head, ENCODER_HEADS)
   _choice(problems, 'moco.momentum_schedule',
@@ -41,8 +43,6 @@ def config_problems(config, num_devices: int) -> list[str]:
           KNN_FEATURES)
 
   batch, queue = config.train.batch_size, config.moco.queue_size
-  if batch <= 0:
-    problems.append(f'train.batch_size={batch} must be positive')
   vit = is_vit(config.model.arch)
   if not vit:   # a ViT backbone has no BN: no group layout to check
     problems += bn_group_problems(config, num_devices)
@@ -52,26 +52,10 @@ def config_problems(config, num_devices: int) -> list[str]:
   what = ('2 × train.batch_size (moco.symmetric enqueues both views\' keys) = '
           if keys != batch else 'the global batch train.batch_size=')
   # K = 0: MoCo v3, the negatives are the global batch's keys (no queue).
-  if batch > 0 and (queue < 0 or queue % keys):
+  if batch > 0 and queue >= 0 and queue % keys:   # negative: config/ranges.py
     problems.append(
         f'moco.queue_size={queue} is not a positive multiple of {what}{keys} '
         f'(e.g. {max(1, queue // keys) * keys})')
-  if not 0 <= config.moco.momentum < 1:
-    problems.append(f'moco.momentum={config.moco.momentum} must be in [0, 1)')
-  if config.moco.temperature <= 0:
-    problems.append(f'moco.temperature={config.moco.temperature} must be > 0')
-  if config.data.image_size < 8:
-    problems.append(f'data.image_size={config.data.image_size} must be at least 8')
-  low, high = config.data.crop_scale
-  if not 0 < low <= high <= 1:
-    problems.append(f'data.crop_scale={tuple(config.data.crop_scale)} must satisfy '
-                    f'0 < low <= high <= 1')
-  if config.optim.base_lr < 0:
-    problems.append(f'optim.base_lr={config.optim.base_lr} must be >= 0')
-  if config.model.width_multiplier <= 0:
-    problems.append(f'model.width_multiplier={config.model.width_multiplier} must be > 0')
-  if config.model.dim <= 0:
-    problems.append(f'model.dim={config.model.dim} must be positive')
   return problems + train_section_problems(config)
 
 
@@ -80,12 +64,8 @@ def v3_problems(config) -> list[str]:
   predictor, frozen patch projection)."""
   problems, model = [], config.model
   vit = is_vit(model.arch)
+  problems += image_size_problems(model.arch, config.data.image_size)
   if vit:
-    patch = VIT_ARCHS[model.arch].patch
-    if config.data.image_size % patch:
-      problems.append(f'data.image_size={config.data.image_size} is not a multiple '
-                      f'of {model.arch}\'s patch size {patch} (e.g. '
-                      f'{max(1, config.data.image_size // patch) * patch})')
     if config.moco.shuffle_bn:
       problems.append(f'moco.shuffle_bn=True with model.arch={model.arch!r}: a ViT '
                       f'has no BatchNorm to shuffle; set moco.shuffle_bn=False')
@@ -100,6 +80,16 @@ def v3_problems(config) -> list[str]:
     problems.append(f'model.stop_grad_conv1=True freezes a ViT\'s patch '
                     f'projection; model.arch={model.arch!r} is not a ViT')
   return problems
+
+
+def image_size_problems(arch: str, image_size: int) -> list[str]:
+  """A ViT's image side must be a multiple of its patch (pretraining, kNN
+  and linear evaluation alike); other archs take any size."""
+  if not is_vit(arch) or image_size % VIT_ARCHS[arch].patch == 0:
+    return []
+  patch = VIT_ARCHS[arch].patch
+  return [f'data.image_size={image_size} is not a multiple of {arch}\'s patch size '
+          f'{patch} (e.g. --config.data.image_size={max(1, image_size // patch) * patch})']
 
 
 def bn_group_problems(config, num_devices: int) -> list[str]:
@@ -117,7 +107,7 @@ def bn_group_problems(config, num_devices: int) -> list[str]:
             '(= old bn_splits × devices; 8 in every recipe, as the reference)']
   groups, batch = config.moco.bn_groups, config.train.batch_size
   if groups <= 0:
-    return [f'moco.bn_groups={groups} must be positive (8 in every recipe)']
+    return []   # config/ranges.py reports it
   problems = []
   if groups % num_devices or (batch > 0 and batch % groups):
     valid = [g for g in range(num_devices, max(batch, 1) + 1, num_devices)
@@ -143,10 +133,7 @@ def train_section_problems(config) -> list[str]:
   problems = []
   if config.train.num_steps <= 0 and config.train.num_epochs <= 0:
     problems.append('train.num_epochs or train.num_steps must be positive')
-  for key in ('log_every', 'checkpoint_every', 'keep_checkpoints'):
-    if config.train[key] <= 0:
-      problems.append(f'train.{key}={config.train[key]} must be positive')
-  return problems
+  return problems   # each key's own range: config/ranges.py
 
 
 def check_config(config, num_devices: int) -> None:

@@ -140,6 +140,10 @@ def device_split(data_config, split: str, mesh, drop_remainder: bool) -> DeviceS
 
 # ----------------------------------------------------------------------------
 # data.on_device: True, False or 'auto'.
+# data.on_device=True is refused when the splits need more than this fraction
+# of a device's memory: the rest is the least the model, optimiser state and
+# activations need to run at all.
+FORCED_MAX_FRACTION = 0.9
 
 
 def _split_shape(data_config, split: str):
@@ -190,14 +194,22 @@ def resolve_on_device(data_config, mesh, splits) -> tuple[bool, str]:
       raise DatasetError(f'data.dataset {data_config.dataset!r} is read to the devices '
                          f'only: set data.on_device=True or \'auto\'')
     return False, 'data.on_device=False'
-  if value is True:
-    return True, 'data.on_device=True'
   shapes = [_split_shape(data_config, split) for split in splits]
-  if any(shape is None for shape in shapes):
-    return False, 'auto: image sizes unknown or mixed'
-  need = sum(n * h * w * 3 for n, h, w in shapes) // jax.process_count() + 1
-  fraction = data_config.get('on_device_max_fraction', DEFAULT_MAX_FRACTION)
+  known = all(shape is not None for shape in shapes)
+  need = (sum(n * h * w * 3 for n, h, w in shapes) // jax.process_count() + 1
+          if known else 0)
   have = device_memory_bytes(mesh)
+  if value is True:
+    if known and need > FORCED_MAX_FRACTION * have:
+      raise DatasetError(
+          f'data.on_device=True: the splits {", ".join(splits)} take '
+          f'{need / 2**30:.2f} GiB per device, more than {FORCED_MAX_FRACTION:g} of the '
+          f'device\'s {have / 2**30:.2f} GiB; set data.on_device=False (or \'auto\', '
+          f'which decides by data.on_device_max_fraction)')
+    return True, 'data.on_device=True'
+  if not known:
+    return False, 'auto: image sizes unknown or mixed'
+  fraction = data_config.get('on_device_max_fraction', DEFAULT_MAX_FRACTION)
   if need > fraction * have:
     why = (f'the splits take {need / 2**20:.0f} MiB per device, more than '
            f'{fraction:g} of {have / 2**30:.1f} GiB (data.on_device_max_fraction)')

@@ -17,3 +17,12 @@ class DatasetInfo:
   num_examples: int   # in the described split, all processes together
   num_classes: int
   class_names: tuple[str, ...]
+
+
+def single_class_warning(metric: str, data_config) -> str:
+  """The line printed when an accuracy is measured on one class: every
+  prediction is then that class, so 100% says nothing about the features."""
+  return (f'warning: data.dataset {data_config.dataset!r} has a single class, so '
+          f'{metric} is 100% whatever the features are; kNN and linear accuracy need '
+          f'labelled data with several classes (unlabelled images in one class folder '
+          f'are fine for pretraining: set eval.knn_every=0)')

@@ -134,8 +134,10 @@ def _tfds_builder(data_config):
   try:
     return tfds.builder(name, data_dir=data_dir)
   except Exception as error:  # tfds raises ValueError, AssertionError, … for bad names
+    # A name TFDS cannot parse ('cifar-10') needs no reason beyond the hint.
+    first_line = str(error).splitlines()[0][:200] if str(error) else ''
     reason = ('' if isinstance(error, tfds.core.registered.DatasetNotFoundError)
-              else f' ({str(error).splitlines()[0][:200]})')
+              or 'Parsing builder name string' in first_line else f' ({first_line})')
     raise DatasetError(
         f'unknown data.dataset {name!r}{reason}: neither a TFDS dataset name '
         f'(e.g. cifar10, imagenet2012{_close_tfds_names(name)}) found in '
@@ -153,14 +155,49 @@ def _close_tfds_names(name: str) -> str:
 
 
 def _tfds_split_size(builder, data_config, split: str) -> int:
-  """Examples in `split` (TFDS slice syntax such as 'train[:10%]' allowed)."""
+  """Examples in `split` (TFDS slice syntax such as 'train[:10%]' allowed).
+
+  Raises:
+    DatasetError, one line: a split the dataset does not have (the fix is
+    another name), a malformed or out-of-range slice (the fix is the slice),
+    a slice that selects no example, or a dataset with nothing prepared (the
+    only case `tfds build` fixes).
+  """
+  prepared = sorted(builder.info.splits)
+  where = f'data.dataset {data_config.dataset!r} in {builder.data_dir}'
   try:
-    return builder.info.splits[split].num_examples
-  except (KeyError, ValueError):
+    size = builder.info.splits[split].num_examples
+  except (KeyError, ValueError, AssertionError) as error:
+    base = split.split('[')[0].split('+')[0].strip()
+    if not prepared:
+      raise DatasetError(
+          f'{where} has no prepared split (asked for {split!r}): point '
+          f'--config.data.data_dir at the folder that holds the prepared '
+          f'{data_config.dataset}, or prepare it there with `tfds build '
+          f'{data_config.dataset} --data_dir=DIR`') from None
+    if base not in prepared:
+      raise DatasetError(
+          f'{where} has no prepared split {split!r} (its splits: '
+          f'{", ".join(prepared)}); name one of them, e.g. {_split_flag(data_config, split)}='
+          f'{([p for p in prepared if p != data_config.train_split] or prepared)[0]}') from None
+    reason = ' '.join(str(error).split())
+    reason = reason[reason.find('When'):] if 'When' in reason else reason[:160]
     raise DatasetError(
-        f'data.dataset {data_config.dataset!r} has no prepared split {split!r} '
-        f'in {builder.data_dir} (available: {sorted(builder.info.splits) or "none"}; '
-        f'prepare it with `tfds build {data_config.dataset} --data_dir=...`)') from None
+        f'split {split!r} of {where} is not a valid TFDS slice ({reason}); e.g. '
+        f"{_split_flag(data_config, split)}='{base}[:10%]' or '{base}[:1000]'") from None
+  if size <= 0:
+    sizes = ', '.join(f'{name} {builder.info.splits[name].num_examples:,}' for name in prepared)
+    raise DatasetError(
+        f'split {split!r} of {where} selects no example ({sizes} examples); '
+        f'choose a slice inside the split, e.g. '
+        f'{_split_flag(data_config, split)}=\'{split.split("[")[0]}[:10%]\'')
+  return size
+
+
+def _split_flag(data_config, split: str) -> str:
+  """The flag that set `split` (so the hint names what to change)."""
+  key = 'train_split' if split == data_config.get('train_split') else 'eval_split'
+  return f'--config.data.{key}'
 
 
 # ----------------------------------------------------------------------------
@@ -185,22 +222,61 @@ def _folder_root(data_config) -> str:
   return root
 
 
+ROOT_SPLIT = '.'   # data.train_split/eval_split naming the folder itself
+
+
 def _split_directory(data_config, split: str) -> str:
+  """The folder of `split`: ROOT/<split>, which must exist ('.': ROOT itself).
+
+  There is no fallback to ROOT for a missing training split: ROOT's
+  subfolders would become classes, other splits among them (images of the
+  evaluation split trained on as a class of their own, with no word).
+  """
   root = _folder_root(data_config)
-  candidate = path_layer.join(root, split)
+  candidate = root if split == ROOT_SPLIT else path_layer.join(root, split)
   if path_layer.isdir(candidate):
     return candidate
+  subfolders = sorted(os.fsdecode(name) for name in _entries(root)[0]
+                      if not name.startswith(b'.'))
+  found = f'its subfolders: {", ".join(subfolders[:8])}{", …" if len(subfolders) > 8 else ""}'
   if split == data_config.train_split:
-    return root
+    raise DatasetError(
+        f'data.dataset {data_config.dataset!r} has no folder for the training split '
+        f'{split!r} ({candidate} does not exist; {found}): name the training '
+        f'subfolder with --config.data.train_split=NAME, or train on the folder '
+        f'itself with --config.data.train_split={ROOT_SPLIT} (its subfolders are '
+        f'then the classes)')
+  others = [name for name in subfolders if name != data_config.train_split]
+  example = f'--config.data.eval_split={others[0]}' if others else 'an existing subfolder'
   raise DatasetError(
       f'data.dataset {data_config.dataset!r} has no folder for split {split!r} '
-      f'({candidate} does not exist; name an existing subfolder, e.g. '
-      f'data.eval_split=val, or set eval.knn_every=0)')
+      f'({candidate} does not exist; {found}): name the evaluation subfolder '
+      f'({example}); pretraining without kNN needs none (--config.eval.knn_every=0)')
+
+
+def _check_no_split_inside_training(data_config, train_directory: str) -> None:
+  """Refuses a training folder that holds another split's folder (which
+  would be trained on as a class): the evaluation split, or any split named
+  as a class folder of ROOT when training on ROOT itself."""
+  others = {data_config.get('eval_split', '')} - {data_config.train_split, ''}
+  root = _folder_root(data_config)
+  for split in sorted(others):
+    directory = root if split == ROOT_SPLIT else path_layer.join(root, split)
+    inside = directory.startswith(train_directory.rstrip('/') + '/')
+    if inside and path_layer.isdir(directory):
+      raise DatasetError(
+          f'the training split data.train_split={data_config.train_split!r} '
+          f'({train_directory}) contains the evaluation split '
+          f'data.eval_split={split!r} ({directory}): its images would be trained '
+          f'on as a class of their own; keep the training images in a sibling '
+          f'folder, e.g. {path_layer.join(root, "train")}, and set '
+          f'--config.data.train_split=train')
 
 
 def _folder_split(data_config, split: str) -> _FolderListing:
   directory = _split_directory(data_config, split)
   train_directory = _split_directory(data_config, data_config.train_split)
+  _check_no_split_inside_training(data_config, train_directory)
   class_names = _scan(train_directory)[0]
   names, files = _scan(directory)
   unknown = sorted(set(names) - set(class_names))

@@ -22,8 +22,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moco_jax.augment import colour as augment
 from moco_jax.data import inputs
-from moco_jax.data.info import DatasetError
-from moco_jax.config.checks import KNN_FEATURES, ConfigError
+from moco_jax.data.info import DatasetError, single_class_warning
+from moco_jax.config.checks import KNN_FEATURES, ConfigError, image_size_problems
+from moco_jax.config.ranges import range_problems
 from moco_jax.models import build_backbone, build_encoder
 from moco_jax.runtime.mesh import AXIS, sharded_jit
 from moco_jax.runtime.progress import progress
@@ -192,15 +193,21 @@ class KnnEvaluator:
   def __init__(self, config: ml_collections.ConfigDict, mesh,
                chunk: int = DEFAULT_CHUNK, on_device: bool | None = None):
     batch, devices = config.eval.batch_size, mesh.size
-    if batch <= 0 or batch % devices:
-      raise ConfigError(f'eval.batch_size={batch} must be a positive multiple of '
-                       f'the {devices} devices')
+    problems = range_problems(config) + image_size_problems(config.model.arch,
+                                                            config.data.image_size)
+    if not problems and batch % devices:
+      problems.append(f'eval.batch_size={batch} must be a positive multiple of '
+                      f'the {devices} devices')
+    if problems:
+      raise ConfigError('; '.join(problems))
     self.config, self.mesh = config, mesh
     self.k, self.temperature, self.chunk = config.eval.knn_k, config.eval.knn_t, chunk
     self.num_classes = inputs.dataset_info(config.data).num_classes
     if self.num_classes <= 0:
       raise DatasetError(
           f'data.dataset {config.data.dataset!r} has no class labels for kNN')
+    if self.num_classes == 1 and jax.process_index() == 0:
+      print(single_class_warning('knn_top1', config.data), flush=True)
     local_batch = batch // jax.process_count()
     if on_device is None:
       on_device = inputs.on_device(config.data, mesh, with_eval=True)[0]
@@ -292,4 +299,6 @@ class KnnEvaluator:
       # A ViT backbone has no BN statistics.
       params, batch_stats = params['backbone'], batch_stats.get('backbone', {})
     labels, predictions = self.predict(params, batch_stats)
-    return {'knn_top1': 100.0 * float(np.mean(labels == predictions))}
+    # From the integer count: 100 * mean() rounds twice (40.760000000000005).
+    correct = int(np.sum(labels == predictions))
+    return {'knn_top1': 100.0 * correct / max(1, len(labels))}

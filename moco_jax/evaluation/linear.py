@@ -29,8 +29,10 @@ from moco_jax.runtime import checkpointing, health, paths
 from moco_jax.runtime.loop import LoopHarness
 from moco_jax.evaluation import knn
 from moco_jax.data import inputs
+from moco_jax.data.info import single_class_warning
 from moco_jax.weights import pretrained
-from moco_jax.config.checks import ConfigError, train_section_problems
+from moco_jax.config.checks import ConfigError, image_size_problems, train_section_problems
+from moco_jax.config.ranges import range_problems
 from moco_jax.runtime.metric_writer import MetricWriter
 from moco_jax.runtime.mesh import AXIS, make_mesh, sharded_jit
 from moco_jax.runtime.progress import progress
@@ -58,14 +60,15 @@ def linear_head(num_classes: int) -> nn.Dense:
 
 
 def config_problems(config, num_devices: int, num_classes: int) -> list[str]:
-  """Problems with a linear-evaluation config, one line each."""
+  """Problems with a linear-evaluation config, one line each (each key's own
+  range: config/ranges.py, checked before the data is opened)."""
   problems = []
   if not config.pretrained:
     problems.append('pretrained is empty: give --config.pretrained=PRETRAIN_DIR')
   for key in ('train.batch_size', 'eval.batch_size'):
     section, name = key.split('.')
     batch = config[section][name]
-    if batch <= 0 or batch % num_devices:
+    if batch % num_devices:
       problems.append(f'{key}={batch} is not a positive multiple of the '
                       f'{num_devices} devices')
   if config.data.normalization not in MEAN_STD:
@@ -151,6 +154,9 @@ class LinearEval:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh=None):
     self.mesh = mesh or make_mesh()
     config = config.copy_and_resolve_references()
+    problems = range_problems(config)   # before any value is used
+    if problems:
+      raise ConfigError('; '.join(problems))
     if not config.pretrained:
       raise ConfigError('pretrained is empty: give --config.pretrained=PRETRAIN_DIR')
     if paths.absolute(workdir) == paths.absolute(config.pretrained):
@@ -167,10 +173,17 @@ class LinearEval:
     pre_config = pretrained.load_config(config.pretrained, config.pretrained_step)
     if not config.data.normalization:
       config.data.normalization = pre_config.data.normalization
+    problems = image_size_problems(pre_config.model.arch, config.data.image_size)
+    if problems:   # before the data is opened
+      raise ConfigError('; '.join(problems))
     self.info = inputs.dataset_info(config.data)
+    # The evaluation split too, before anything is written to the workdir.
+    inputs.dataset_info(config.data, config.data.eval_split)
     problems = config_problems(config, self.mesh.size, self.info.num_classes)
     if problems:
       raise ConfigError('; '.join(problems))
+    if self.info.num_classes == 1 and jax.process_index() == 0:
+      print(single_class_warning('lincls_top1', config.data), flush=True)
     self.config, self.pre_config = config, pre_config
     self.epoch_steps = steps_per_epoch(config, self.info)
     self.total_steps = total_steps(config, self.epoch_steps)
@@ -216,6 +229,21 @@ class LinearEval:
             for key in ('top1', 'top5')}
 
 
+def startup_summary(run: LinearEval, workdir: str) -> str:
+  """One line: devices, backbone, data, batch, lr and length, workdir."""
+  config, pre = run.config, run.pre_config
+  devices = list(run.mesh.devices.flat)
+  lr = run.schedule(0) if config.optim.warmup_epochs <= 0 else config.optim.base_lr
+  return (f'lincls: {len(devices)} {devices[0].platform.upper()} device'
+          f'{"s" if len(devices) > 1 else ""}; frozen {pre.model.arch} backbone of '
+          f'{config.pretrained} (step {config.pretrained_step}); {run.info.num_examples:,} '
+          f'training images ({run.info.name} {config.data.train_split}), '
+          f'{run.info.num_classes} classes, eval on {config.data.eval_split}; batch '
+          f'{config.train.batch_size}, {config.optim.name} lr {float(lr):g} '
+          f'({config.optim.schedule}); {run.total_steps:,} steps = '
+          f'{run.total_steps / run.epoch_steps:.3g} epochs; workdir {paths.absolute(workdir)}')
+
+
 def _restore_or_init(run: LinearEval):
   if run.checkpointer.latest_step() is None:
     return run.init_state()
@@ -247,6 +275,7 @@ def linear_evaluation(config: ml_collections.ConfigDict, workdir: str, *,
   start_step, last_step = int(state.step), run.total_steps
   is_main = jax.process_index() == 0
   say = (lambda line: print(line, flush=True)) if is_main else (lambda line: None)
+  say(startup_summary(run, workdir))
   if start_step > 0:
     say(f'lincls: resumed from step {start_step} of {checkpointer.path(start_step)}')
   writer = MetricWriter(workdir, enabled=is_main)

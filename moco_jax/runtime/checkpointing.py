@@ -63,7 +63,9 @@ def _stderr_held_back_on_failure(grace_seconds: float):
   tensorstore still completes the other reads, and each completion prints
   "RuntimeError: Event loop is closed" with a traceback from its own thread,
   straight to fd 2 (past Python's hooks), interleaved mid-line with the
-  others. The failure itself is reported on stdout and by the caller.
+  others. The failure itself is reported on stdout and by the caller. Those
+  threads may still be printing seconds later on a loaded machine, so after a
+  failure fd 2 stays held until nothing was written to it for grace_seconds.
   """
   failed = [False]
   sys.stderr.flush()
@@ -77,7 +79,7 @@ def _stderr_held_back_on_failure(grace_seconds: float):
       raise
     finally:
       if failed[0]:
-        time.sleep(grace_seconds)
+        _wait_until_quiet(held.fileno(), grace_seconds)
       sys.stderr.flush()
       os.dup2(saved, 2)
       os.close(saved)
@@ -87,10 +89,34 @@ def _stderr_held_back_on_failure(grace_seconds: float):
         sys.stderr.flush()
 
 
+def _wait_until_quiet(fd: int, quiet_seconds: float, limit_seconds: float = 30.0) -> None:
+  """Returns once the file behind `fd` has not grown for quiet_seconds (at
+  most limit_seconds after the call)."""
+  deadline = time.monotonic() + limit_seconds
+  size, unchanged_since = os.fstat(fd).st_size, time.monotonic()
+  while time.monotonic() < deadline:
+    time.sleep(0.1)
+    now_size = os.fstat(fd).st_size
+    if now_size != size:
+      size, unchanged_since = now_size, time.monotonic()
+    elif time.monotonic() - unchanged_since >= quiet_seconds:
+      return
+
+
 def _sync_processes(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
+
+
+def readable_reason(error: BaseException) -> str:
+  """The first line of an orbax/TensorStore error without the bindings'
+  internals ("<bound method pybind11_detail…>", object addresses)."""
+  import re
+  text = str(error).splitlines()[0] if str(error) else ''
+  text = re.sub(r'<bound method [^>]*>|<[^<>]* object at 0x[0-9a-f]+>', '', text)
+  text = ' '.join(text.replace('()', '').split()).strip(' :;,')
+  return f'{type(error).__name__}: {text[:200]}' if text else type(error).__name__
 
 
 class Checkpointer:
@@ -185,7 +211,7 @@ class Checkpointer:
       paths.move_tree(self.path(step), destination)   # gs://: copy, then delete
     _sync_processes(f'quarantine checkpoint {step}: moved')
     self._open()
-    reason = f'{type(error).__name__}: {str(error).splitlines()[0][:200]}' if str(error) else type(error).__name__
+    reason = readable_reason(error)
     logging.warning('checkpoint %s is unreadable (%s); moved it to %s and '
                     'falling back to the previous one', self.path(step), reason,
                     destination)

@@ -38,6 +38,22 @@ def error_line(error: BaseException) -> str:
   return ' '.join((message or type(error).__name__).split())
 
 
+def config_text(config) -> str:
+  """A resolved config as `key: value` lines, sections indented, values as
+  one would type them after --config.KEY= (no YAML tags such as
+  !!python/tuple)."""
+  def lines(node, indent):
+    for key, value in node.items():
+      if isinstance(value, dict):
+        yield f'{indent}{key}:'
+        yield from lines(value, indent + '  ')
+      else:
+        shown = repr(tuple(value)) if isinstance(value, (tuple, list)) else (
+            value if isinstance(value, str) and value else repr(value))
+        yield f'{indent}{key}: {shown}'
+  return '\n'.join(lines(config.to_dict(), ''))
+
+
 def configs_dir() -> str | None:
   """configs/ of the working directory, else of the source checkout."""
   here = os.path.join(os.getcwd(), 'configs')
@@ -76,12 +92,27 @@ def recipes(kind: str) -> list[tuple[str, str]]:
     except (OSError, SyntaxError):
       doc = ''
     shown = os.path.relpath(path) if not os.path.relpath(path).startswith('..') else path
-    found.append((shown, doc.strip().splitlines()[0] if doc.strip() else ''))
+    found.append((shown, summary(doc)))
   return found
 
 
+def summary(doc: str, width: int = 110) -> str:
+  """The first sentence of a docstring's first paragraph, on one line (a
+  first line alone may stop mid-sentence: "ImageNet, 300"), shortened at a
+  word with '…' beyond `width` characters."""
+  paragraph = ' '.join(doc.strip().split('\n\n')[0].split())
+  end = paragraph.find('. ')
+  sentence = paragraph[:end + 1] if end >= 0 else paragraph
+  if len(sentence) <= width:
+    return sentence
+  return sentence[:width].rsplit(' ', 1)[0].rstrip(',;:') + ' …'
+
+
+
 def recipe_list(kind: str) -> str:
-  lines = [f'  {path:<34} {line}' for path, line in recipes(kind)]
+  found = recipes(kind)
+  width = max((len(path) for path, _ in found), default=0)
+  lines = [f'  {path:<{width}}  {line}' for path, line in found]
   return '\n'.join(lines) if lines else '  (no configs/ folder found here)'
 
 
@@ -201,6 +232,27 @@ def flag_value(argv, name: str) -> str | None:
   return value
 
 
+def check_flagfiles(argv, depth: int = 0) -> None:
+  """Fails with one line if a --flagfile in argv (or in a flagfile) cannot be
+  read. Call before config_flags.DEFINE_config_*: they expand the flagfiles
+  of sys.argv as they are defined, and a missing one is a traceback there."""
+  for index, arg in enumerate(argv[1:] if depth == 0 else argv, start=1):
+    name = None
+    if arg.startswith('--flagfile='):
+      name = arg.split('=', 1)[1]
+    elif arg == '--flagfile' and index < len(argv):
+      name = argv[index + 1] if depth == 0 else argv[index]
+    if name is None:
+      continue
+    try:
+      with open(os.path.expanduser(name)) as f:
+        lines = [line.strip() for line in f if line.strip() and not line.startswith('#')]
+    except OSError as error:
+      fail(f'--flagfile={name}: cannot read it ({error.strerror or error})')
+    if depth < 8:
+      check_flagfiles(lines, depth + 1)
+
+
 def check_config_flag(argv, kind: str = 'pretrain') -> None:
   """Fails with one line unless --config names a loadable file; before absl
   parses the flags, which loads the file and words its errors for itself."""
@@ -218,6 +270,12 @@ def parse_command_line(flag_values, argv, usage, config_kind: str | None = None,
   `problem()` (a str or None, checked after parsing, e.g. the workdir) each end
   the program with one `error:` line, exit 2.
   """
+  # --flagfile=F is expanded first: its --config and other flags count as
+  # if typed (absl would expand it only while parsing, after our checks).
+  try:
+    argv = [argv[0]] + flag_values.read_flags_from_files(argv[1:], force_gnu=False)
+  except Exception as error:  # a missing or unreadable flagfile
+    fail(f'invalid command line: {error_line(error)}')
   handle_help(argv, usage)
   if config_kind:
     check_config_flag(argv, config_kind)

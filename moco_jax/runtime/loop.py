@@ -2,7 +2,9 @@
 evaluation (evaluation/linear.py) and any later trainer (fine-tuning).
 
 It owns what every loop does around its step, and nothing about MoCo:
-  - a tqdm progress bar of completed steps (process 0 only);
+  - a tqdm progress bar of completed steps (process 0 only), started with
+    the first step (after an evaluation at the start), whose ETA counts the
+    evaluation passes still to come at the last pass's duration;
   - stop requests: SIGTERM or Ctrl-C finish the current step, save, stop
     (runtime/preemption.py; a second Ctrl-C as `second_interrupt` says);
   - timing: images/s over completed steps, compilation and evaluation
@@ -36,6 +38,7 @@ device scalars; `log(done, metrics, images_per_sec)` is called on log steps
 `watch(done, metrics)` after the finite check on every step.
 """
 import contextlib
+import time
 
 import jax
 from tqdm import tqdm
@@ -79,18 +82,26 @@ class LoopHarness:
     self._stop = preemption.StopRequests(
         second_interrupt,
         f'error: interrupted twice: stopped at once without saving; rerun the '
-        f'same command to resume from the newest checkpoint in {checkpointer.directory}')
+        f'same command to resume from the newest checkpoint in {checkpointer.directory}',
+        announce=self.is_main)
     self.bar = None
     self.clock = None
+    self.eval_every = 0
+    self.eval_seconds = None   # the last evaluation pass's duration
     self.stopping = False
     self.stopped_by = None   # the signal's name once a stop request ended the loop
 
   def __enter__(self):
-    self.bar = tqdm(total=self.last_step, initial=self.start_step,
-                    disable=not self.is_main, unit='step', dynamic_ncols=True,
-                    desc=self.desc)
     self._stop.__enter__()
     return self
+
+  def _start_bar(self):
+    # tqdm's own remaining time would leave out the evaluation passes still
+    # to come: the ETA in the postfix (set_postfix) counts them.
+    self.bar = tqdm(total=self.last_step, initial=self.start_step,
+                    disable=not self.is_main, unit='step', dynamic_ncols=True,
+                    desc=self.desc, bar_format='{l_bar}{bar}| {n_fmt}/{total_fmt} '
+                    '[{elapsed}, {rate_fmt}{postfix}]')
 
   def __exit__(self, *exc_info):
     # Whatever ended the loop, let a started save complete (orbax only marks
@@ -98,7 +109,8 @@ class LoopHarness:
     try:
       self._stop.__exit__(*exc_info)
     finally:
-      self.bar.close()
+      if self.bar is not None:
+        self.bar.close()
       self.checkpointer.wait()
       self.checkpointer.close()
       if self.writer is not None:
@@ -107,7 +119,28 @@ class LoopHarness:
   def write(self, line: str) -> None:
     """Prints a line above the progress bar (process 0 only)."""
     if self.is_main:
-      self.bar.write(line)
+      tqdm.write(line)
+
+  @contextlib.contextmanager
+  def busy(self, work: str):
+    """Context: a stop request arriving inside is answered at once with 'the
+    run finishes `work`, saves and stops' (e.g. a kNN pass of a minute)."""
+    self._stop.work = work
+    try:
+      yield
+    finally:
+      self._stop.work = 'the current step'
+
+  def set_postfix(self, done: int, **fields) -> None:
+    """The bar's postfix after step `done`: `fields` plus the ETA (the steps
+    left at the timed rate and the evaluation passes left at the last pass's
+    duration)."""
+    eta = clock.eta_seconds(self.last_step - done, self.clock.seconds_per_step(),
+                            evaluations_left(done, self.last_step, self.eval_every),
+                            self.eval_seconds)
+    if eta is not None:
+      fields['eta'] = clock.format_duration(eta)
+    self.bar.set_postfix(**fields)
 
   def paused(self):
     """Context: time inside (an evaluation) is not training time."""
@@ -137,8 +170,13 @@ class LoopHarness:
     self.clock.new_window()
     return rate
 
+  def _evaluate(self, evaluate, done: int, state) -> None:
+    started = time.perf_counter()
+    evaluate(done, state)
+    self.eval_seconds = time.perf_counter() - started
+
   def run(self, state, step_fn, next_inputs, *, log=None, evaluate=None,
-          eval_every: int = 0, watch=None):
+          eval_every: int = 0, evaluate_first=None, watch=None):
     """Runs steps start_step+1 .. last_step, or until a stop request.
 
     Per completed step `done`: the finite check, watch(done, metrics), then
@@ -146,6 +184,9 @@ class LoopHarness:
     on a stop the saved-and-stopped line (and return), the long-run estimate
     once, then evaluate(done, state) if `evaluate` and `eval_due(done,
     eval_every)`. Metrics reach the callbacks as Python scalars.
+    evaluate_first: a callable like `evaluate`, called once as
+    evaluate_first(start_step, state) before the first step, before the bar
+    and its clock start (None: no evaluation at the start).
 
     Returns:
       The state after the last step run.
@@ -154,6 +195,10 @@ class LoopHarness:
       health.NonFiniteError: a finite_keys metric is NaN/Inf (nothing saved
         from that step).
     """
+    self.eval_every = eval_every if evaluate is not None else 0
+    if evaluate_first is not None:
+      self._evaluate(evaluate_first, self.start_step, state)
+    self._start_bar()
     self.clock = clock.StepClock()
     estimated = False
     inputs = next_inputs() if self.start_step < self.last_step else None
@@ -189,5 +234,14 @@ class LoopHarness:
       # After the save is started: it completes while the evaluation runs.
       if evaluate is not None and self.eval_due(done, eval_every):
         with self.clock.paused():
-          evaluate(done, state)
+          self._evaluate(evaluate, done, state)
     return state
+
+
+def evaluations_left(done: int, last_step: int, every: int) -> int:
+  """Evaluation passes after step `done`: every `every` steps and at the last
+  (none counted when every <= 0)."""
+  if every <= 0:
+    return 0
+  return (last_step // every - done // every
+          + (1 if last_step % every else 0) * (done < last_step))

@@ -12,6 +12,12 @@ ends: minutes later on a slow device. CPython's C-level handler, however,
 writes every signal number to the wakeup fd (`signal.set_wakeup_fd`) the
 moment the signal arrives; a thread reading it records the request at once
 and, on a second Ctrl-C, ends the process at once.
+
+Every signal reaches both: the wakeup fd (one byte per signal) and, when the
+main thread next runs bytecode, the Python handler. So each keeps its own
+count and neither reads the other's: the watcher alone decides 'exit', the
+handler alone decides 'raise'. (Reading the flag the handler set made one
+Ctrl-C during Python work count as two.)
 """
 import os
 import signal
@@ -37,15 +43,21 @@ class StopRequests:
       'raise': raise KeyboardInterrupt in the main thread (for notebooks and
         Python callers, whose process must survive).
     exit_message: the line printed for 'exit'.
+    announce: print one line on stderr the moment the first signal arrives,
+      saying the stop is noted and what happens next (`work`: what the run
+      finishes before it saves; the loop updates it, e.g. during a kNN pass).
   """
 
   def __init__(self, second_interrupt: str = 'raise',
                exit_message: str = 'error: interrupted twice: stopped at once, '
-                                   'without saving'):
+                                   'without saving', announce: bool = False):
     if second_interrupt not in ('exit', 'raise'):
       raise ValueError(f'second_interrupt={second_interrupt!r} is not exit or raise')
     self.second_interrupt, self.exit_message = second_interrupt, exit_message
+    self.announce = announce
+    self.work = 'the current step'
     self.signal_name = None
+    self._watched_signals = 0
     self._previous = {}
     self._previous_wakeup = None
     self._sockets = None
@@ -92,17 +104,29 @@ class StopRequests:
       for signum in data:
         if signum not in SIGNALS:
           continue
-        if (self.signal_name is not None and signum == signal.SIGINT
+        self._watched_signals += 1
+        if (self._watched_signals > 1 and signum == signal.SIGINT
             and self.second_interrupt == 'exit'):
           os.write(2, f'\n{self.exit_message}\n'.encode())
           os._exit(EXIT_INTERRUPTED)
-        self.signal_name = self.signal_name or signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        self.signal_name = self.signal_name or name
+        if self._watched_signals == 1 and self.announce:
+          os.write(2, f'\n{self.noted_line(name)}\n'.encode())
+
+  def noted_line(self, name: str) -> str:
+    """The line printed when the first stop signal arrives."""
+    again = ('Ctrl-C again stops at once without saving' if self.second_interrupt == 'exit'
+             else 'interrupt again to raise KeyboardInterrupt at once')
+    return (f'{name}: stop noted; the run finishes {self.work}, saves and stops '
+            f'({again})')
 
   def _handle(self, signum, frame):
     """The Python-level handler (main thread, when it next runs bytecode).
 
     It keeps its own count: the watcher may already have recorded this very
-    signal."""
+    signal, and may record it after this handler (so neither reads the
+    other's count)."""
     self._handler_signals += 1
     if (signum == signal.SIGINT and self._handler_signals > 1
         and self.second_interrupt == 'raise'):

@@ -83,6 +83,17 @@ class StepClock:
                                       and self.timed_seconds() >= 60)
 
 
+def eta_seconds(steps_left: int, seconds_per_step: float | None,
+                evaluations_left: int = 0, seconds_per_evaluation: float | None = None
+                ) -> float | None:
+  """Time to the end of the run: the steps left at the timed rate plus the
+  evaluation passes still to come at the last pass's duration; None before
+  any step was timed."""
+  if seconds_per_step is None:
+    return None
+  return steps_left * seconds_per_step + evaluations_left * (seconds_per_evaluation or 0.0)
+
+
 def long_run_estimate(steps_left: int, seconds_per_step: float, where: str) -> str | None:
   """A one-line estimate when the rest of the run takes more than a day."""
   total = steps_left * seconds_per_step

@@ -91,10 +91,12 @@ def _backbone(variables):
           'batch_stats': variables['batch_stats'].get('backbone', {})}
 
 
-def timm_state_dict(variables, image_size: int, with_head: bool = False):
+def timm_state_dict(variables, image_size: int, with_head: bool = False, step: int = 0):
   """Encoder variables of a ViT -> {timm name: array}; with_head adds the
   v3 projector and predictor under MoCo v3's base_encoder names (`head.*`,
-  and `predictor.*`), i.e. {**backbone, **head} is a base_encoder state_dict."""
+  and `predictor.*`), i.e. {**backbone, **head} is a base_encoder state_dict,
+  their BN counters (`num_batches_tracked`) at `step`, as the torchvision
+  export writes them."""
   flat = timm.to_timm({'params': variables['params']['backbone']}, image_size)
   if with_head:
     for name in ('head', 'predictor'):
@@ -102,7 +104,7 @@ def timm_state_dict(variables, image_size: int, with_head: bool = False):
         part = {'params': variables['params'][name]}
         if name in variables['batch_stats']:
           part['batch_stats'] = variables['batch_stats'][name]
-        flat.update(timm.to_state_dict(part))
+        flat.update(timm.to_state_dict(part, num_batches_tracked=step))
   return flat
 
 
@@ -254,8 +256,13 @@ def export(workdir: str, fmt: str, output: str | None = None,
     save_flax(output, config, step, variables, with_head)
     return output
   if fmt == 'timm':
-    save_torchvision(output, timm_state_dict(variables, config.data.image_size,
-                                             with_head))
+    flat = timm_state_dict(variables, config.data.image_size, with_head, step)
+    save_torchvision(output, flat)
+    grid = round((flat[timm.POS_EMBED].shape[1] - 1) ** 0.5)
+    print(f'note: written for {config.data.image_size}x{config.data.image_size} images '
+          f'(pos_embed: a {grid}x{grid} grid of {config.data.image_size // grid}-pixel '
+          f'patches + the class token); create the timm model with '
+          f'img_size={config.data.image_size}', file=sys.stderr)
     return output
   changes = ((['conv1 3x3 stride 1 and no max-pool'] if config.model.cifar_stem else [])
              + ([f'every width x{config.model.width_multiplier:g}']
