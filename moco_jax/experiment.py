@@ -66,6 +66,8 @@ class Experiment:
     # data.on_device: the split on the devices, cropped in the step.
     self.on_device, self.data_placement = inputs.on_device(
         config.data, self.mesh, with_eval=config.eval.knn_every > 0 or config.eval.knn_at_start)
+    # The host input, tf.data or Grain (data.loader), checked before any compile.
+    self.loader = None if self.on_device else inputs.host_loader(config.data)
     self.epoch_steps = steps_per_epoch(config, self.info)
     if self.epoch_steps == 0:
       raise inputs.DatasetError(
@@ -128,7 +130,7 @@ class Experiment:
     """This process's pretraining input from `start_step` (data/inputs.py)."""
     c = self.config
     return inputs.train_batches(c.data, c.train.batch_size // jax.process_count(),
-                                c.seed, start_step, self.mesh)
+                                c.seed, start_step, self.mesh, self.loader)
 
   def step_inputs(self, batch: dict) -> tuple:
     """One batch of `train_batches` -> the step's array arguments."""

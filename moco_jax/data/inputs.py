@@ -1,4 +1,5 @@
-"""Which input a run uses: the host tf.data pipeline (data/pipeline.py) or a
+"""Which input a run uses: the host tf.data pipeline (data/pipeline.py), the
+host Grain loader (data/grain_loader.py, by data.loader) or a
 device-resident split (data/device.py), by data.on_device.
 
 TensorFlow is imported only when the host pipeline or a TFDS/folder split
@@ -36,15 +37,36 @@ def _global_fn(mesh):
   return lambda local: jax.make_array_from_process_local_data(sharding, local)
 
 
-def train_batches(data_config, local_batch: int, seed: int, start_step: int, mesh):
+def train_batches(data_config, local_batch: int, seed: int, start_step: int, mesh,
+                  loader: str | None = None):
   """Pretraining input: DeviceTrainBatches ({'indices'}) when on device, else
-  pipeline.pretrain_batches ({'images_q', 'images_k', 'label'})."""
+  pipeline.pretrain_batches or grain_loader.pretrain_batches ({'images_q',
+  'images_k', 'label'}) by `loader` (default: host_loader(data_config))."""
   if on_device(data_config, mesh)[0]:
     split = device.device_split(data_config, data_config.train_split, mesh,
                                 drop_remainder=True)
     return DeviceTrainBatches(split, local_batch, seed, start_step)
+  loader = loader or host_loader(data_config)
+  _say_loader(data_config, loader)
+  if loader == 'grain':
+    from moco_jax.data import grain_loader
+    return grain_loader.pretrain_batches(data_config, local_batch, seed, start_step)
   from moco_jax.data import pipeline
   return pipeline.pretrain_batches(data_config, local_batch, seed, start_step)
+
+
+def host_loader(data_config) -> str:
+  """'grain' or 'tf.data': the host input of data.loader
+  (grain_loader.resolve_loader; DatasetError when it cannot be read so)."""
+  from moco_jax.data import grain_loader
+  return grain_loader.resolve_loader(data_config)
+
+
+def _say_loader(data_config, loader: str):
+  import jax
+  if jax.process_index() == 0:
+    print(f'input: {loader} (data.loader={data_config.get("loader", "auto")!r})',
+          flush=True)
 
 
 def eval_batches(data_config, split: str, local_batch: int, mesh):
@@ -66,5 +88,10 @@ def labelled_batches(data_config, local_batch: int, seed: int, start_step: int, 
                                 drop_remainder=True)
     return DeviceLabelledBatches(split, local_batch, seed, start_step, data_config,
                                  mesh, _global_fn(mesh))
+  loader = host_loader(data_config)
+  _say_loader(data_config, loader)
+  if loader == 'grain':
+    from moco_jax.data import grain_loader
+    return grain_loader.labelled_batches(data_config, local_batch, seed, start_step)
   from moco_jax.data import pipeline
   return pipeline.labelled_batches(data_config, local_batch, seed, start_step)
