@@ -148,8 +148,8 @@ class ProcessRecords:
 
   def read(self, index: int) -> tuple[bytes, int]:
     if self._paths is not None:
-      from etils import epath
-      return epath.Path(os.fsdecode(self._paths[index])).read_bytes(), int(self._labels[index])
+      from moco_jax.runtime import paths
+      return paths.read_bytes(os.fsdecode(self._paths[index])), int(self._labels[index])
     example = self._source[index]
     return example['image'], int(example.get('label', -1))
 
