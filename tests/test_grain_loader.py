@@ -177,6 +177,9 @@ def test_auto_picks_grain_for_array_record_without_the_approximate_shuffle_warni
   monkeypatch.setattr(order, 'IN_MEMORY_BYTES', 1)
   monkeypatch.setattr(order, '_warned', set())
   assert grain_loader.resolve_loader(data_config(twins['tfrecord'])) == 'tf.data'
+  folder = data_config('')
+  folder.dataset = f'folder:{REPO}/docs'              # any folder: tf.data reads it exactly
+  assert grain_loader.resolve_loader(folder) == 'tf.data'
   config = data_config(twins['array_record'], worker_count=0)
   assert grain_loader.resolve_loader(config) == 'grain'
   batches = inputs.train_batches(config, BATCH, 0, 0, mesh=None)
