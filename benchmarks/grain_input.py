@@ -20,8 +20,8 @@ hosts of the R50 plan: a v4-8 host (4 chips, 240 vCPUs) and a v5e-8 host
 v2 R50 step's ~33 GFLOP per image (query forward + backward, key forward:
 4 x 8.2 GFLOP) and peak bf16 FLOP/s per chip (v4: 275 T, v5e: 197 T).
 
-  python benchmarks/grain_input.py --images 512 --batch 64 --steps 8 \
-      --workers 0,1,2 --json=grain.json
+  python benchmarks/grain_input.py --images 512 --batch 32 --steps 48 \
+      --repeats 2 --workers 0,2 --rounds 1 --json=grain.json
 """
 import io
 import os
@@ -40,7 +40,8 @@ import report  # benchmarks/ is on sys.path when run as a script
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('images', 512, 'JPEGs in the generated dataset.')
 flags.DEFINE_integer('batch', 64, 'Images per batch.')
-flags.DEFINE_integer('steps', 8, 'Batches per timed pass.')
+flags.DEFINE_integer('steps', 48, 'Batches per timed pass; keep it well above '
+                     'what tf.data prefetches (short passes read its buffer, not its rate).')
 flags.DEFINE_integer('repeats', 3, 'Timed passes per setting (median reported).')
 flags.DEFINE_list('workers', ['0', '1', '2'], 'Grain worker counts to time.')
 flags.DEFINE_integer('rounds', 2, 'Alternations of all settings.')
