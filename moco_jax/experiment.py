@@ -136,6 +136,8 @@ class Experiment:
     self.reads_eval_split = config.eval.knn_every > 0 or config.eval.knn_at_start
     self.on_device = inputs.on_device(
         config.data, self.mesh, with_eval=self.reads_eval_split)[0]
+    # The host input, tf.data or Grain (data.loader), checked before any compile.
+    self.loader = None if self.on_device else inputs.host_loader(config.data)
     self.epoch_steps = steps_per_epoch(config, self.info)
     self.total_steps = total_steps(config, self.epoch_steps)
     self.bn_layout = bn_layout(config, self.mesh.size)
@@ -184,7 +186,8 @@ class Experiment:
     c = self.config
     return inputs.train_batches(c.data, c.train.batch_size // jax.process_count(),
                                 c.seed, start_step,
-                                self.train_split if self.on_device else None)
+                                self.train_split if self.on_device else None,
+                                self.loader)
 
   def step_inputs(self, batch: dict) -> tuple:
     """One batch of `train_batches` -> the step's array arguments."""

@@ -66,6 +66,13 @@ def base_config() -> ml_collections.ConfigDict:
   # need it.
   c.data.on_device = ml_collections.FieldReference(False, field_type=object)
   c.data.on_device_max_fraction = 0.25
+  # Host input: 'tf.data', 'grain' (random access: exact shuffle and resume at
+  # any size; a TFDS split in array_record, or folder:), or 'auto' (Grain for
+  # an array_record split). Same batches either way (docs/input.md).
+  c.data.loader = 'auto'
+  # Grain's decode-and-crop processes: 'auto' (host cores - 1) or an int (0:
+  # threads of the training process).
+  c.data.worker_count = ml_collections.FieldReference('auto', field_type=object)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = 'sgd'             # sgd, lars, adamw

@@ -1,5 +1,6 @@
 """Configuration checks that run before any compilation or data loading."""
 from moco_jax.augment import colour as augment
+from moco_jax.data.grain_loader import LOADERS, worker_count_problem
 from moco_jax.models import fast_conv
 from moco_jax.models.encoder import ENCODER_HEADS, is_vit
 from moco_jax.models.resnet import ARCHS
@@ -38,6 +39,8 @@ def config_problems(config, num_devices: int) -> list[str]:
   _choice(problems, 'optim.name', config.optim.name, OPTIMIZERS)
   _choice(problems, 'optim.schedule', config.optim.schedule, SCHEDULES)
   _choice(problems, 'dtype', config.dtype, DTYPES)
+  _choice(problems, 'data.loader', config.data.get('loader', 'auto'), LOADERS)
+  problems += filter(None, [worker_count_problem(config.data.get('worker_count', 'auto'))])
 
   _choice(problems, 'eval.knn_features', config.eval.knn_features,
           KNN_FEATURES)

@@ -1,5 +1,6 @@
 """Which input a run uses, decided once: the host tf.data pipeline
-(data/pipeline.py) or a device-resident split (data/device.py), by
+(data/pipeline.py), the host Grain loader (data/grain_loader.py, by
+data.loader) or a device-resident split (data/device.py), by
 data.on_device and every split the run reads.
 
 The caller (experiment.Experiment for pretraining, the evaluators for a
@@ -70,14 +71,34 @@ class GlobalBatches:
 
 
 def train_batches(data_config, local_batch: int, seed: int, start_step: int,
-                  split: device.DeviceSplit | None = None):
+                  split: device.DeviceSplit | None = None, loader: str | None = None):
   """Pretraining input: DeviceTrainBatches of `split` ({'indices'}) when the
-  run's training split is on the devices, else pipeline.pretrain_batches
-  ({'images_q', 'images_k', 'label'}), this process's NumPy batches."""
+  run's training split is on the devices, else the host's `loader`
+  (pipeline.pretrain_batches or grain_loader.pretrain_batches: {'images_q',
+  'images_k', 'label'}), this process's NumPy batches."""
   if split is not None:
     return DeviceTrainBatches(split, local_batch, seed, start_step)
+  loader = loader or host_loader(data_config)
+  _say_loader(data_config, loader)
+  if loader == 'grain':
+    from moco_jax.data import grain_loader
+    return grain_loader.pretrain_batches(data_config, local_batch, seed, start_step)
   from moco_jax.data import pipeline
   return pipeline.pretrain_batches(data_config, local_batch, seed, start_step)
+
+
+def host_loader(data_config) -> str:
+  """'grain' or 'tf.data': the host input of data.loader
+  (grain_loader.resolve_loader; DatasetError when it cannot be read so)."""
+  from moco_jax.data import grain_loader
+  return grain_loader.resolve_loader(data_config)
+
+
+def _say_loader(data_config, loader: str):
+  import jax
+  if jax.process_index() == 0:
+    print(f'input: {loader} (data.loader={data_config.get("loader", "auto")!r})',
+          flush=True)
 
 
 def eval_batches(data_config, split: str, local_batch: int, mesh, on_device: bool):
@@ -100,6 +121,12 @@ def labelled_batches(data_config, local_batch: int, seed: int, start_step: int, 
   if on_device:
     return DeviceLabelledBatches(train_split_on_device(data_config, mesh), local_batch,
                                  seed, start_step, data_config, mesh)
+  loader = host_loader(data_config)
+  _say_loader(data_config, loader)
+  if loader == 'grain':
+    from moco_jax.data import grain_loader
+    return GlobalBatches(grain_loader.labelled_batches(data_config, local_batch, seed,
+                                                       start_step), mesh, ('image', 'label'))
   from moco_jax.data import pipeline
   return GlobalBatches(pipeline.labelled_batches(data_config, local_batch, seed,
                                                  start_step), mesh, ('image', 'label'))

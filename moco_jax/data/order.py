@@ -70,7 +70,8 @@ class EpochOrder:
           f'{IN_MEMORY_BYTES / 2**30:.0f} GiB held in memory; each epoch reads its '
           f'files in a random order through a {self._buffer}-record shuffle buffer, '
           f'which only approximates a uniform permutation (a folder: dataset, or '
-          f'data.cache=True with enough memory, is shuffled exactly)')
+          f'data.cache=True with enough memory, is shuffled exactly; so is any size with '
+          f'data.loader=grain on an array_record preparation, docs/input.md)')
       return
     if folder and not data_config.cache:
       self._table, self.load = _one_tensor_per_key(split.records, split.num_examples), split.load

@@ -89,6 +89,15 @@ def random_views(encoded, seed, data_config, num_views: int):
                    for view in range(num_views)])
 
 
+def example_seed(seed: int, epoch, position, process: int):
+  """(2,) int64 stateless seed of the image at `position` of `epoch` on
+  `process`: its crop windows and flips (random_views). Shared with the Grain
+  loader (data/grain_loader.py), so both draw the same views."""
+  epoch_seed = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
+  return tf.random.experimental.stateless_fold_in(
+      epoch_seed, tf.cast(position, tf.int64) + process * 2**40)
+
+
 def _train_order(data_config, local_batch: int, seed: int) -> tuple[EpochOrder, int]:
   """(order, steps_per_epoch) of this process's training split."""
   split = process_split(data_config, data_config.train_split, drop_remainder=True)
@@ -138,7 +147,6 @@ class TrainBatches:
     replaced by repeats of its readable ones.
     """
     process, seed, batch = jax.process_index(), self._seed, self._local_batch
-    epoch_seed = tf.constant([seed, epoch], tf.int64)
     records = self._order.records(epoch, skip * batch).take(
         (self.steps_per_epoch - skip) * batch)
     load, make_example = self._order.load, self._make_example
@@ -146,9 +154,8 @@ class TrainBatches:
     def to_example(item):
       position = item['position']
       example = load(item['record'])
-      example_seed = tf.random.experimental.stateless_fold_in(
-          epoch_seed, position + process * 2**40)
-      return dict(make_example(example, example_seed), position=position)
+      return dict(make_example(example, example_seed(seed, epoch, position, process)),
+                  position=position)
 
     def window_batch(window):
       examples = tf.data.Dataset.from_tensor_slices(window).map(
