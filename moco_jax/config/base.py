@@ -1,6 +1,6 @@
 """The base configuration every recipe in configs/ derives from.
 
-Section and key names are a user-facing contract (see README): `model`,
+Section and key names are a user-facing contract (see docs/pretraining.md): `model`,
 `moco`, `data`, `optim`, `train`, `eval`, `seed`, `dtype`.
 """
 import ml_collections

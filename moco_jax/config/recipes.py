@@ -58,6 +58,6 @@ def cifar10_cpu() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 195
   c.eval.knn_every = 3             # epochs
   c.eval.knn_at_start = True
-  # The README's CPU figures are kNN on the backbone's 64-d features.
+  # The CPU figures in docs/evaluation.md are kNN on the backbone's 64-d features.
   c.eval.knn_features = 'backbone'
   return c

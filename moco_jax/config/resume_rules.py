@@ -7,7 +7,7 @@ saved config differs in one of them."""
 # on it). Each must equal the checkpoint's value; a key that one of the two
 # configs lacks (older runs) is not compared. Everything else may change on
 # resume, e.g. more steps or epochs, log/checkpoint intervals, kNN settings,
-# data.data_dir, lr and schedule (the README lists both).
+# data.data_dir, lr and schedule (docs/pretraining.md lists both).
 RESUME_RULES = (
     ('train.batch_size', 'the queue pointer advances by the global batch and '
      'the data position is step x batch: another batch leaves queue rows stale '
