@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from moco_jax.evaluation import fewshot as fewshot_evaluation
 from moco_jax.evaluation import knn as knn_evaluation
 from moco_jax.experiment import Experiment, describe_bn
 from moco_jax.runtime import checkpointing, health, paths, preemption, progress as clock
@@ -174,6 +175,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # kNN every eval.knn_every epochs (fractions allowed) and at the last step.
   knn_every = (max(1, round(config.eval.knn_every * experiment.epoch_steps))
                if config.eval.knn_every > 0 else 0)
+  fewshot, fewshot_every = fewshot_evaluation.periodic_evaluator(
+      config, experiment.mesh, experiment.epoch_steps)
   checkpointer = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
   checkpointer.remove_unfinished_saves()
   state = restore_or_init(experiment, checkpointer)
@@ -257,6 +260,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if knn_every > 0 and (done % knn_every == 0 or done == last_step):
           with steps.paused():  # not training time
             last_metrics.update(_log_knn(knn, state, done, writer, bar))
+        if fewshot is not None and (done % fewshot_every == 0 or done == last_step):
+          with steps.paused():
+            last_metrics.update(fewshot_evaluation.log(fewshot, state, done, writer, bar))
       else:
         bar.close()
         say(_finished_line(last_metrics, last_step, time.perf_counter() - run_start,

@@ -268,11 +268,15 @@ class ViT(nn.Module):
     return self.image_size // self.patch_size
 
   @nn.compact
-  def __call__(self, x, train: bool = True):
+  def __call__(self, x, train: bool = True, intermediates: bool = False):
     """x: (N, H, W, 3) normalised images -> (N, D) float32.
 
     `train` is accepted for the backbone interface (ResNet's BN uses it); the
     ViT has no dropout nor batch statistics, so it changes nothing.
+    intermediates: return instead {'patch_tokens': (N, H/p, W/p, D), 'cls':
+    (N, D)}: every token after the final LayerNorm (timm's forward_features),
+    the patch tokens laid out as their grid (row-major, as the patches are
+    cut), float32; 'cls' equals the default output.
     """
     del train
     n = x.shape[0]
@@ -287,6 +291,9 @@ class ViT(nn.Module):
     for i in range(self.depth):
       x = Block(self.num_heads, self.mlp_ratio, self.dtype,
                 name=f'blocks_{i}')(x)
+    if intermediates:   # LayerNorm is per token: the class token's is the same
+      x = _layer_norm('norm')(x)
+      return {'patch_tokens': x[:, 1:].reshape(n, gh, gw, d), 'cls': x[:, 0]}
     return _layer_norm('norm')(x[:, 0])   # per token: the class token's alone
 
 
