@@ -46,10 +46,10 @@ DEFAULT_L2_REG = _EVAL_DEFAULTS.fewshot_l2_reg
 
 def settings(config, shots=None, seeds=None, l2_reg=None) -> tuple:
   """(shots, seeds, l2_reg): the arguments given, else eval.fewshot_*."""
-  get = lambda key, default: config.eval.get(key, default)
-  return (tuple(shots or get('fewshot_shots', DEFAULT_SHOTS)),
-          seeds or get('fewshot_seeds', DEFAULT_SEEDS),
-          l2_reg or get('fewshot_l2_reg', DEFAULT_L2_REG))
+  pick = lambda given, key, default: config.eval.get(key, default) if given is None else given
+  return (tuple(pick(shots, 'fewshot_shots', DEFAULT_SHOTS)),
+          pick(seeds, 'fewshot_seeds', DEFAULT_SEEDS),
+          pick(l2_reg, 'fewshot_l2_reg', DEFAULT_L2_REG))
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
