@@ -195,3 +195,20 @@ def test_cli_prints_mean_and_std_and_appends_metrics(smoke_pretrain_dir, tmp_pat
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     logged = [json.loads(line) for line in f]
   assert logged[-1]['fewshot_2shot_top1'] == result['fewshot_2shot_top1']
+
+
+def test_pretraining_runs_the_few_shot_evaluator_every_eval_fewshot_every(tiny_data_dir, tmp_path):
+  from moco_jax import train
+  # 64 images, batch 16: 4 steps per epoch; every half epoch -> steps 2 and 4.
+  config = smoke_config(tiny_data_dir, **{'eval.fewshot_every': 0.5,
+                                          'eval.fewshot_shots': (1, 2),
+                                          'eval.fewshot_seeds': 2,
+                                          'eval.batch_size': 16})
+  train.train_and_evaluate(config, str(tmp_path))
+  with open(tmp_path / 'metrics.jsonl') as f:
+    events = [json.loads(line) for line in f]
+  fewshot_events = [e for e in events if 'fewshot_1shot_top1' in e]
+  assert [e['step'] for e in fewshot_events] == [2, 4]
+  for event in fewshot_events:
+    assert 0 <= event['fewshot_2shot_top1'] <= 100
+    assert event['fewshot_2shot_top1_std'] >= 0

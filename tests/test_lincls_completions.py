@@ -91,9 +91,11 @@ def test_head_batch_norm_uses_global_batch_statistics_on_any_device_count(
                           images, labels)
   assert isinstance(one, linear.NormalizedLinearState)
   assert set(one.params) == {'fc'} and set(one.batch_stats['bn']) == {'mean', 'var'}
+  # Per-device statistics (2 images a device) would move the kernel by O(1);
+  # float rounding at lr 30 moves it by ~5e-6.
   for a, b in zip(jax.tree.leaves((one.params, one.batch_stats)),
                   jax.tree.leaves((eight.params, eight.batch_stats))):
-    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
   # Running statistics after one step: 0.9 * init + 0.1 * the batch's (torch's
   # momentum 0.1; unbiased variance there, biased in flax: within 1/16).
   mean, std = MEAN_STD[run.config.data.normalization]
