@@ -133,7 +133,8 @@ class Experiment:
     self.mesh = mesh or make_mesh()
     # data.on_device, decided once from every split the run reads (the eval
     # split only with kNN): the input, the step and the kNN evaluator follow it.
-    self.reads_eval_split = config.eval.knn_every > 0 or config.eval.knn_at_start
+    self.reads_eval_split = (config.eval.knn_every > 0 or config.eval.knn_at_start
+                             or config.eval.fewshot_every > 0)
     self.on_device = inputs.on_device(
         config.data, self.mesh, with_eval=self.reads_eval_split)[0]
     # The host input, tf.data or Grain (data.loader), checked before any compile.

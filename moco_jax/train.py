@@ -5,6 +5,7 @@ over every device, resumes from the newest checkpoint in `workdir`, and
 trains with progress bar, metrics.jsonl, TensorBoard and orbax checkpoints.
 Importable from Python/Colab; main.py is only the command-line wrapper.
 """
+import math
 import time
 
 import jax
@@ -14,7 +15,7 @@ import numpy as np
 from moco_jax import moco
 from moco_jax.config import resume_rules
 from moco_jax.config.checks import queue_warning
-from moco_jax.evaluation import collapse, knn as knn_evaluation
+from moco_jax.evaluation import collapse, fewshot as fewshot_evaluation, knn as knn_evaluation
 from moco_jax.experiment import Experiment, describe_bn
 from moco_jax.models.encoder import is_vit
 from moco_jax.runtime import checkpointing, paths, progress as clock
@@ -184,6 +185,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # kNN every eval.knn_every epochs (fractions allowed) and at the last step.
   knn_every = (max(1, round(config.eval.knn_every * experiment.epoch_steps))
                if config.eval.knn_every > 0 else 0)
+  fewshot, fewshot_every = fewshot_evaluation.periodic_evaluator(
+      config, experiment.mesh, experiment.epoch_steps, experiment.on_device)
   checkpointer = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
   checkpointer.remove_unfinished_saves()
   state = restore_or_init(experiment, checkpointer)
@@ -237,14 +240,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     harness.set_postfix(done, loss=f'{metrics["loss"]:.3f}',
                         **({'img_s': f'{rate:.0f}'} if rate else {}))
 
+  def due(done, every):
+    return every > 0 and (done % every == 0 or done == last_step)
+
   def evaluate(done, state):
+    if due(done, knn_every):
+      last_metrics.update(_log_knn(knn, state, done, writer, harness))
+    if due(done, fewshot_every):
+      with harness.busy('this few-shot pass and the next step'):
+        last_metrics.update(fewshot_evaluation.log(fewshot, state, done, writer, harness))
+
+  def evaluate_first(done, state):
     last_metrics.update(_log_knn(knn, state, done, writer, harness))
 
+  # The harness calls `evaluate` on the steps of either schedule.
+  eval_every = math.gcd(knn_every, fewshot_every)
   with harness:
     harness.run(state, step_fn, lambda: _device_batch(experiment, batches), log=log,
-                evaluate=evaluate if knn_every > 0 else None, eval_every=knn_every,
-                evaluate_first=(evaluate if knn is not None and config.eval.knn_at_start
-                                and start_step == 0 else None))
+                evaluate=evaluate if eval_every > 0 else None, eval_every=eval_every,
+                evaluate_first=(evaluate_first if knn is not None
+                                and config.eval.knn_at_start and start_step == 0 else None))
   if not harness.stopped_by:
     say(_finished_line(last_metrics, last_step, time.perf_counter() - run_start,
                        checkpointer))

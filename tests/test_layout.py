@@ -22,7 +22,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'moco_jax'
 CLI, EVALUATION, CORE, BASE = 4, 3, 2, 1
 TOP_LEVEL = {
     'main': CLI, 'train': CLI, 'knn': CLI, 'lincls': CLI, 'export': CLI, 'plots': CLI,
-    'finetune': CLI,
+    'finetune': CLI, 'fewshot': CLI,
     'state': CORE, 'moco': CORE, 'train_step': CORE, 'optim': CORE,
     'experiment': CORE,
 }

@@ -97,4 +97,10 @@ def base_config() -> ml_collections.ConfigDict:
   # kNN feature: 'backbone' (pooled, e.g. 2048-d) or 'head' (the query
   # encoder's L2-normalised projection, as the reference CIFAR demo).
   c.eval.knn_features = 'backbone'
+  # Few-shot linear evaluation (evaluation/fewshot.py): closed-form ridge on
+  # k images per class of data.train_split, top-1 on data.eval_split.
+  c.eval.fewshot_every = 0.0       # epochs between evaluations; 0 = never
+  c.eval.fewshot_shots = (1, 5, 10, 25)
+  c.eval.fewshot_seeds = 3         # draws of the k-shot images: mean and std
+  c.eval.fewshot_l2_reg = 1.0      # ridge penalty on the unit-norm features
   return c

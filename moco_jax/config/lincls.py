@@ -17,6 +17,9 @@ def lincls_base_config() -> ml_collections.ConfigDict:
   c.pretrained = ''                # a moco_jax pretraining workdir (required)
   c.pretrained_step = -1           # its checkpoint; -1: the newest (kept on resume)
   c.seed = 0
+  # A parameter-free BatchNorm before the linear layer (moco-v3 issue 20);
+  # off in the reference protocols (evaluation/linear.py).
+  c.head_batch_norm = False
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = 'imagenet2012'  # a TFDS name, or folder:/path (a subfolder per class)

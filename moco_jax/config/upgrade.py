@@ -25,6 +25,12 @@ ADDED_KEYS = {
     'data.on_device_max_fraction': 0.25,
     'train.stop_on_collapse': False,
     'eval.knn_features': 'backbone',
+    'data.loader': 'tf.data',           # base_config's 'auto' may pick Grain
+    'data.worker_count': 'auto',
+    'eval.fewshot_every': 0.0,
+    'eval.fewshot_shots': (1, 5, 10, 25),
+    'eval.fewshot_seeds': 3,
+    'eval.fewshot_l2_reg': 1.0,
 }
 
 

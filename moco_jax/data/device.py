@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moco_jax.data import npz
+from moco_jax.data import subset as subset_lib
 from moco_jax.data.info import DatasetError
 from moco_jax.runtime.mesh import AXIS
 
@@ -87,6 +88,9 @@ def _decode_tf(data_config, split: str, drop_remainder: bool):
 def _load(data_config, split: str, drop_remainder: bool):
   if npz.is_npz(data_config.dataset):
     images, labels = npz.split_arrays(data_config.dataset, split)
+    subset = subset_lib.subset_of(data_config, split)   # data.labels_per_class
+    if subset is not None:
+      images, labels = images[subset], labels[subset]
     part = _process_part(len(images), drop_remainder)
     return images[part], labels[part], len(images), 0
   return _decode_tf(data_config, split, drop_remainder)
@@ -115,7 +119,7 @@ def device_split(data_config, split: str, mesh, drop_remainder: bool) -> DeviceS
   """
   drop = drop_remainder and jax.process_count() > 1
   key = (data_config.dataset, data_config.get('data_dir', ''), split, drop,
-         tuple(d.id for d in mesh.devices.flat))
+         tuple(d.id for d in mesh.devices.flat), subset_lib.subset_key(data_config))
   if key in _CACHE:
     _CACHE.move_to_end(key)
     return _CACHE[key]

@@ -12,7 +12,9 @@ sharded over 'data', from either path.
 TensorFlow is imported only when the host pipeline or a TFDS/folder split
 is used, so an `npz:` dataset with data.on_device needs no TensorFlow.
 """
-from moco_jax.data import device, npz
+import dataclasses
+
+from moco_jax.data import device, npz, subset
 from moco_jax.data.device_batches import (DeviceEvalBatches, DeviceLabelledBatches,
                                           DeviceTrainBatches, to_global_fn)
 from moco_jax.data.info import DatasetInfo
@@ -23,11 +25,16 @@ SMALL_IMAGE_SIZE = 64
 
 
 def dataset_info(data_config, split: str | None = None) -> DatasetInfo:
-  """Describes `split` (default data.train_split); DatasetError if unreadable."""
+  """Describes `split` (default data.train_split); DatasetError if unreadable.
+  With data.labels_per_class, the training split's num_examples is the
+  subset's (data/subset.py)."""
   if npz.is_npz(data_config.dataset):
-    return npz.dataset_info(data_config, split)
-  from moco_jax.data import sources
-  return sources.dataset_info(data_config, split)
+    info = npz.dataset_info(data_config, split)
+  else:
+    from moco_jax.data import sources
+    info = sources.dataset_info(data_config, split)
+  chosen = subset.subset_of(data_config, split or data_config.train_split)
+  return info if chosen is None else dataclasses.replace(info, num_examples=len(chosen))
 
 
 def on_device(data_config, mesh, with_eval: bool = True) -> tuple[bool, str]:

@@ -21,6 +21,7 @@ import os
 from typing import Callable
 
 import jax
+import numpy as np
 
 # TensorFlow logs every image it fails to decode (C++ warnings such as "Local
 # rendezvous is aborting ... Unknown image file format"); unreadable files are
@@ -30,6 +31,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
+from moco_jax.data import subset as subset_lib  # noqa: E402
 from moco_jax.data.info import DatasetError, DatasetInfo  # noqa: E402
 from moco_jax.runtime import paths as path_layer  # noqa: E402  (`paths` is a local name below)
 
@@ -101,13 +103,26 @@ def process_split(data_config, split: str, drop_remainder: bool,
     return _folder_process_split(data_config, split, drop_remainder)
   builder = _tfds_builder(data_config)
   split_examples = _tfds_split_size(builder, data_config, split)
-  shuffle = {} if file_shuffle_seed is None else dict(
-      read_config=tfds.ReadConfig(shuffle_seed=file_shuffle_seed, try_autocache=False))
-  records = tfds.load(
-      data_config.dataset, data_dir=_data_dir(data_config),
-      split=tfds.split_for_jax_process(split, drop_remainder=drop_remainder),
-      decoders={'image': tfds.decode.SkipDecoding()},
-      shuffle_files=file_shuffle_seed is not None, **shuffle)
+  subset = subset_lib.subset_of(data_config, split)
+  if subset is not None:   # data.labels_per_class: this process's part of it
+    split_examples = len(subset)
+    part = subset[_process_part(len(subset), drop_remainder)]
+    keep = np.zeros(_tfds_split_size(builder, data_config, split), bool)
+    keep[part] = True
+    keep = tf.constant(keep)
+    records = tfds.load(data_config.dataset, data_dir=_data_dir(data_config),
+                        split=split, decoders={'image': tfds.decode.SkipDecoding()},
+                        shuffle_files=False)
+    records = records.enumerate().filter(lambda i, _: keep[i]).map(lambda _, r: r)
+    records = records.apply(tf.data.experimental.assert_cardinality(len(part)))
+  else:
+    shuffle = {} if file_shuffle_seed is None else dict(
+        read_config=tfds.ReadConfig(shuffle_seed=file_shuffle_seed, try_autocache=False))
+    records = tfds.load(
+        data_config.dataset, data_dir=_data_dir(data_config),
+        split=tfds.split_for_jax_process(split, drop_remainder=drop_remainder),
+        decoders={'image': tfds.decode.SkipDecoding()},
+        shuffle_files=file_shuffle_seed is not None, **shuffle)
 
   def load(example):
     label = example['label'] if 'label' in example else tf.constant(-1, tf.int64)
@@ -121,6 +136,45 @@ def process_split(data_config, split: str, drop_remainder: bool,
   return ProcessSplit(records=records, load=load, num_examples=num_examples,
                       split_examples=split_examples,
                       record_bytes=int(num_examples * bytes_per_example))
+
+
+def _process_part(count: int, drop_remainder: bool) -> slice:
+  """This process's contiguous part of `count` examples, as
+  tfds.split_for_jax_process divides a split."""
+  processes, index = jax.process_count(), jax.process_index()
+  if drop_remainder:
+    per = count // processes
+    return slice(index * per, (index + 1) * per)
+  bounds = np.cumsum([0] + [len(a) for a in np.array_split(np.arange(count), processes)])
+  return slice(int(bounds[index]), int(bounds[index + 1]))
+
+
+def split_labels(dataset: str, data_dir: str, split: str) -> np.ndarray:
+  """(N,) int64 labels of a whole TFDS or folder split, in record order.
+
+  Raises:
+    DatasetError: the dataset has no 'label' feature.
+  """
+  data_config = _LabelsConfig(dataset, data_dir, split)
+  if is_folder(dataset):
+    return np.asarray(_folder_split(data_config, split).labels, np.int64)
+  builder = _tfds_builder(data_config)
+  _tfds_split_size(builder, data_config, split)
+  if 'label' not in builder.info.features:
+    raise DatasetError(f'data.dataset {dataset!r} has no labels (no \'label\' '
+                       f'feature): data.labels_per_class needs a labelled dataset')
+  records = tfds.load(dataset, data_dir=data_dir or None, split=split,
+                      decoders={'image': tfds.decode.SkipDecoding()})
+  labels = records.map(lambda r: r['label'], num_parallel_calls=tf.data.AUTOTUNE)
+  return np.fromiter(labels.as_numpy_iterator(), np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LabelsConfig:
+  """The data-config keys that the readers below look at."""
+  dataset: str
+  data_dir: str
+  train_split: str
 
 
 # ----------------------------------------------------------------------------
@@ -381,9 +435,14 @@ def _walk(directory: str, class_dir: bytes):
 def _folder_process_split(data_config, split: str, drop_remainder: bool) -> ProcessSplit:
   listing = _folder_split(data_config, split)
   index, count = jax.process_index(), jax.process_count()
-  paths, labels = listing.paths[index::count], listing.labels[index::count]
+  all_paths, all_labels = listing.paths, listing.labels
+  subset = subset_lib.subset_of(data_config, split)
+  if subset is not None:   # data.labels_per_class
+    all_paths = tuple(all_paths[i] for i in subset)
+    all_labels = tuple(all_labels[i] for i in subset)
+  paths, labels = all_paths[index::count], all_labels[index::count]
   if drop_remainder:
-    per_process = len(listing.paths) // count
+    per_process = len(all_paths) // count
     paths, labels = paths[:per_process], labels[:per_process]
   records = tf.data.Dataset.from_tensor_slices(
       {'path': tf.constant(paths, tf.string), 'label': tf.constant(labels, tf.int64)})
@@ -394,4 +453,4 @@ def _folder_process_split(data_config, split: str, drop_remainder: bool) -> Proc
             'path': record['path']}
 
   return ProcessSplit(records=records, load=load, num_examples=len(paths),
-                      split_examples=len(listing.paths))
+                      split_examples=len(all_paths))

@@ -396,7 +396,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, *,
   def log(done, metrics, rate):
     writer.write(done, dict(metrics, epoch=done / run.epoch_steps,
                             **({'images_per_sec': rate} if rate else {})))
-    harness.bar.set_postfix(loss=f'{metrics["loss"]:.3f}')
+    harness.set_postfix(done, loss=f'{metrics["loss"]:.3f}')
 
   def evaluate(done, state):
     nonlocal results, best

@@ -8,7 +8,20 @@ device. OUT gets metrics.jsonl (`loss`, `train_top1`, `lr`; `lincls_top1`,
 `lincls_top5` on data.eval_split), TensorBoard events and orbax checkpoints of
 the linear layer (rerun the command to resume). At the end the backbone is
 checked to be bit-identical to the pretrained checkpoint.
+
+Each evaluation also logs the best top-1 so far and its epoch
+(`lincls_best_top1`, `lincls_best_epoch`), as the reference's main_lincls.py
+keeps best_acc1; the final line gives both the last and the best epoch.
+`head_batch_norm=True` puts a parameter-free BatchNorm (no scale or shift;
+torch's BatchNorm1d(affine=False) defaults: momentum 0.1, eps 1e-5) before
+the linear layer, as MoCo v3's authors suggest for linear probes (moco-v3
+issue 20; MAE's linear probe does the same). Its batch statistics are
+averaged over all devices in training (the result does not depend on the
+device count; the reference's DDP would use per-GPU ones) and its running
+statistics are used in evaluation.
 """
+import dataclasses
+import json
 import os
 from typing import Any
 
@@ -53,10 +66,36 @@ class LinearState:
   step: jax.Array
 
 
+@flax.struct.dataclass
+class NormalizedLinearState(LinearState):
+  """LinearState with head_batch_norm: params {'fc': {'kernel', 'bias'}} and
+  batch_stats {'bn': {'mean', 'var'}} of the parameter-free BN (F,). A class
+  of its own so that runs without it keep their checkpoint layout."""
+  batch_stats: Any
+
+
 def linear_head(num_classes: int) -> nn.Dense:
   """The reference's new fc: weights N(0, 0.01), bias 0."""
   return nn.Dense(num_classes, kernel_init=nn.initializers.normal(0.01),
                   bias_init=nn.initializers.zeros, name='fc')
+
+
+class NormalizedLinearHead(nn.Module):
+  """BatchNorm without scale or shift, then linear_head (head_batch_norm)."""
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, features, train: bool = False):
+    features = nn.BatchNorm(use_running_average=not train, use_scale=False,
+                            use_bias=False, momentum=0.9, epsilon=1e-5,
+                            axis_name=AXIS if train else None, name='bn')(features)
+    return linear_head(self.num_classes)(features)
+
+
+def head_variables(state) -> dict:
+  """{'params'[, 'batch_stats']} of a LinearState's head."""
+  stats = getattr(state, 'batch_stats', None)
+  return {'params': state.params, **({'batch_stats': stats} if stats is not None else {})}
 
 
 def config_problems(config, num_devices: int, num_classes: int) -> list[str]:
@@ -86,11 +125,18 @@ def config_problems(config, num_devices: int, num_classes: int) -> list[str]:
 
 
 def _logits_fn(backbone, head, mean, std):
-  def logits(head_params, backbone_vars, images):
+  """logits(head_vars, backbone_vars, images, train) -> (logits, the head's
+  new batch_stats or None)."""
+  def logits(head_vars, backbone_vars, images, train=False):
     x = augment.normalize(images, mean, std)
     features = backbone.apply(backbone_vars, x, train=False)
     features = jax.lax.stop_gradient(features.astype(jnp.float32))
-    return head.apply({'params': head_params}, features)
+    if 'batch_stats' not in head_vars:
+      return head.apply(head_vars, features), None
+    if not train:
+      return head.apply(head_vars, features, train=False), None
+    out, updates = head.apply(head_vars, features, train=True, mutable=['batch_stats'])
+    return out, updates['batch_stats']
   return logits
 
 
@@ -102,29 +148,33 @@ def make_train_step(mesh, logits_fn, optimizer, schedule):
   """
   def step(state, backbone_vars, images, labels):
     def loss_fn(params):
-      logits = logits_fn(params, backbone_vars, images)
+      logits, stats = logits_fn(dict(head_variables(state), params=params),
+                                backbone_vars, images, train=True)
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-      return loss, logits
+      return loss, (logits, stats)
 
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grads = jax.lax.pmean(grads, AXIS)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     metrics = jax.lax.pmean({
         'loss': loss,
         'train_top1': 100 * jnp.mean(jnp.argmax(logits, -1) == labels)}, AXIS)
     metrics['lr'] = jnp.asarray(schedule(state.step), jnp.float32)
-    return LinearState(params=optax.apply_updates(state.params, updates),
-                       opt_state=opt_state, step=state.step + 1), metrics
+    new = dict(params=optax.apply_updates(state.params, updates),
+               opt_state=opt_state, step=state.step + 1)
+    if stats is not None:   # head_batch_norm; already averaged over AXIS
+      new['batch_stats'] = stats
+    return state.replace(**new), metrics
 
   return sharded_jit(step, mesh, in_specs=(P(), P(), P(AXIS), P(AXIS)),
                      out_specs=(P(), P()), donate=(0,))
 
 
 def make_eval_step(mesh, logits_fn):
-  """Jitted (head_params, backbone_vars, images, labels, mask) ->
+  """Jitted (head_vars, backbone_vars, images, labels, mask) ->
   {'top1', 'top5', 'count'}: correct and valid examples of the global batch."""
-  def step(head_params, backbone_vars, images, labels, mask):
-    logits = logits_fn(head_params, backbone_vars, images)
+  def step(head_vars, backbone_vars, images, labels, mask):
+    logits, _ = logits_fn(head_vars, backbone_vars, images)
     top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
     hits = top5 == labels[:, None]
     return jax.lax.psum({'top1': jnp.sum(hits[:, 0] & mask),
@@ -133,6 +183,36 @@ def make_eval_step(mesh, logits_fn):
 
   return sharded_jit(step, mesh, out_specs=P(),
                      in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS)))
+
+
+@dataclasses.dataclass(frozen=True)
+class BestEpoch:
+  """The best lincls_top1 so far and the epoch it was reached (-1: none)."""
+  top1: float = -1.0
+  epoch: float = -1.0
+
+  @classmethod
+  def from_log(cls, workdir: str, up_to_step: int, epoch_steps: int) -> 'BestEpoch':
+    """The best of the evaluations that workdir/metrics.jsonl logged at steps
+    up to `up_to_step` (a resumed run continues from them)."""
+    best = cls()
+    path = paths.join(workdir, 'metrics.jsonl')
+    if up_to_step <= 0 or not paths.isfile(path):
+      return best
+    for line in paths.read_bytes(path).decode().splitlines():
+      try:
+        event = json.loads(line)
+      except ValueError:
+        continue   # a line cut by a pre-emption
+      if 'lincls_top1' in event and event.get('step', 0) <= up_to_step:
+        best = best.update(event['lincls_top1'], event['step'] / epoch_steps)
+    return best
+
+  def update(self, top1: float, epoch: float) -> 'BestEpoch':
+    return BestEpoch(top1, epoch) if top1 > self.top1 else self
+
+  def metrics(self) -> dict:
+    return {'lincls_best_top1': self.top1, 'lincls_best_epoch': self.epoch}
 
 
 def check_backbone_unchanged(backbone_vars, reference_vars) -> None:
@@ -193,7 +273,9 @@ class LinearEval:
     self.schedule = optim.learning_rate_schedule(
         config.optim, lr_batch, self.epoch_steps, self.total_steps)
     self.optimizer = optim.build_optimizer(config.optim, self.schedule)
-    self.head = linear_head(self.info.num_classes)
+    self.batch_norm = bool(config.get('head_batch_norm', False))
+    self.head = (NormalizedLinearHead(self.info.num_classes) if self.batch_norm
+                 else linear_head(self.info.num_classes))
     mean, std = MEAN_STD[config.data.normalization]
     self.logits_fn = _logits_fn(knn.backbone_from_config(pre_config),
                                 self.head, mean, std)
@@ -211,19 +293,24 @@ class LinearEval:
     num_features = knn.backbone_from_config(self.pre_config).num_features
 
     def create(rng):
-      params = self.head.init(rng, jnp.zeros((1, num_features)))['params']
-      return LinearState(params=params, opt_state=self.optimizer.init(params),
-                         step=jnp.zeros((), jnp.int32))
+      variables = self.head.init(rng, jnp.zeros((1, num_features)))
+      params = variables['params']
+      state = dict(params=params, opt_state=self.optimizer.init(params),
+                   step=jnp.zeros((), jnp.int32))
+      if self.batch_norm:
+        return NormalizedLinearState(batch_stats=variables['batch_stats'], **state)
+      return LinearState(**state)
 
     return jax.jit(create, out_shardings=self.replicated)(
         jax.random.PRNGKey(self.config.seed))
 
-  def evaluate(self, eval_step, head_params, backbone_vars, batches) -> dict:
-    """{'lincls_top1', 'lincls_top5'}: percent of data.eval_split."""
+  def evaluate(self, eval_step, head_vars, backbone_vars, batches) -> dict:
+    """{'lincls_top1', 'lincls_top5'}: percent of data.eval_split.
+    head_vars: head_variables(state)."""
     totals = {'top1': 0, 'top5': 0, 'count': 0}
     for batch in progress(batches, 'lincls eval'):
       counts = jax.device_get(eval_step(
-          head_params, backbone_vars, batch['image'], batch['label'], batch['mask']))
+          head_vars, backbone_vars, batch['image'], batch['label'], batch['mask']))
       totals = {key: totals[key] + int(counts[key]) for key in totals}
     return {f'lincls_{key}': 100.0 * totals[key] / totals['count']
             for key in ('top1', 'top5')}
@@ -291,6 +378,7 @@ def linear_evaluation(config: ml_collections.ConfigDict, workdir: str, *,
   eval_step = make_eval_step(run.mesh, run.logits_fn)
   eval_every = config.eval.every_epochs * run.epoch_steps
   results = {}
+  best = BestEpoch.from_log(workdir, start_step, run.epoch_steps)
   blow_up_watch = health.LossBlowUp(run.info.num_classes)
   harness = LoopHarness(
       'lincls', start_step, last_step, checkpointer, saved_config=config.to_dict(),
@@ -310,14 +398,17 @@ def linear_evaluation(config: ml_collections.ConfigDict, workdir: str, *,
   def log(done, metrics, rate):
     writer.write(done, dict(metrics, epoch=done / run.epoch_steps,
                             **({'images_per_sec': rate} if rate else {})))
-    harness.bar.set_postfix(loss=f'{metrics["loss"]:.3f}')
+    harness.set_postfix(done, loss=f'{metrics["loss"]:.3f}')
 
   def evaluate(done, state):
-    nonlocal results
-    results = run.evaluate(eval_step, state.params, backbone_vars, eval_batches)
+    nonlocal results, best
+    results = run.evaluate(eval_step, head_variables(state), backbone_vars, eval_batches)
+    best = best.update(results['lincls_top1'], done / run.epoch_steps)
+    results.update(best.metrics())
     writer.write(done, results)
     harness.write(f'step {done}/{last_step}: lincls_top1 {results["lincls_top1"]:.2f} '
-                  f'lincls_top5 {results["lincls_top5"]:.2f}')
+                  f'lincls_top5 {results["lincls_top5"]:.2f} (best '
+                  f'{best.top1:.2f} at epoch {best.epoch:g})')
 
   with harness:
     state = harness.run(state, lambda s, *batch: train_step(s, backbone_vars, *batch),
@@ -326,11 +417,13 @@ def linear_evaluation(config: ml_collections.ConfigDict, workdir: str, *,
   if harness.stopped_by:
     return {}
   if not results:  # resumed a finished run
-    results = run.evaluate(eval_step, state.params, backbone_vars, eval_batches)
+    results = run.evaluate(eval_step, head_variables(state), backbone_vars, eval_batches)
+    results.update(best.update(results['lincls_top1'], last_step / run.epoch_steps).metrics())
   # As the reference's sanity check: the frozen backbone must equal the
   # checkpoint it was loaded from, tensor by tensor.
   check_backbone_unchanged(backbone_vars, run.load_backbone())
   say(f'lincls: top1 {results["lincls_top1"]:.2f} top5 {results["lincls_top5"]:.2f} '
-      f'after {last_step} steps on {config.pretrained} (step {config.pretrained_step}); '
-      f'backbone unchanged')
+      f'after {last_step} steps (last epoch); best top1 {results["lincls_best_top1"]:.2f} '
+      f'at epoch {results["lincls_best_epoch"]:g}; on {config.pretrained} '
+      f'(step {config.pretrained_step}); backbone unchanged')
   return results

@@ -109,8 +109,15 @@ class ResNet(nn.Module):
     return last_stage_width * EXPANSION[self.block]
 
   @nn.compact
-  def __call__(self, x, train: bool = True):
-    """x: (N, H, W, 3) normalised images -> (N, num_features) float32."""
+  def __call__(self, x, train: bool = True, intermediates: bool = False):
+    """x: (N, H, W, 3) normalised images -> (N, num_features) float32.
+
+    intermediates: return instead {'C2', 'C3', 'C4', 'C5', 'pooled'}: the
+    output maps of stages 1-4 (strides 4, 8, 16, 32 with the ImageNet stem;
+    1, 2, 4, 8 with the CIFAR stem), (N, h, w, channels) in dtype, as the
+    detection/segmentation necks of Detectron2 and torchvision consume them
+    (res2-res5), and the pooled (N, num_features) float32 features.
+    """
     conv = functools.partial(fast_conv.conv_module(self.conv_impl),
                              use_bias=False, dtype=self.dtype,
                              kernel_init=conv_init)
@@ -127,12 +134,15 @@ class ResNet(nn.Module):
       x = conv(width, (7, 7), (2, 2), _pad(7), name='conv1')(x)
       x = nn.relu(norm(name='bn1')(x))
       x = nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
+    maps = {}
     for stage, num_blocks in enumerate(self.stage_sizes):
       for index in range(num_blocks):
         strides = 2 if stage > 0 and index == 0 else 1
         x = block_cls(width * 2**stage, strides, conv, norm,
                       name=f'layer{stage + 1}_{index}')(x)
-    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+      maps[f'C{stage + 2}'] = x
+    pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    return dict(maps, pooled=pooled) if intermediates else pooled
 
 
 def resnet(arch: str, **kwargs) -> ResNet:

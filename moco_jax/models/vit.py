@@ -282,13 +282,17 @@ class ViT(nn.Module):
     return self.image_size // self.patch_size
 
   @nn.compact
-  def __call__(self, x, train: bool = True):
+  def __call__(self, x, train: bool = True, intermediates: bool = False):
     """x: (N, H, W, 3) normalised images -> (N, D) float32.
 
     `train` is accepted for the backbone interface (ResNet's BN uses it); the
     ViT has no batch statistics, so it changes nothing unless drop_path > 0
     (fine-tuning's stochastic depth, rising linearly over the blocks to
     drop_path as in timm; it needs a 'dropout' rng).
+    intermediates: return instead {'patch_tokens': (N, H/p, W/p, D), 'cls':
+    (N, D)}: every token after the final LayerNorm (timm's forward_features),
+    the patch tokens laid out as their grid (row-major, as the patches are
+    cut), float32; 'cls' equals the default output.
     """
     n = x.shape[0]
     tokens = PatchEmbed(self.embed_dim, self.patch_size, self.stop_grad_conv1,
@@ -303,6 +307,9 @@ class ViT(nn.Module):
     for i in range(self.depth):
       x = Block(self.num_heads, self.mlp_ratio, self.dtype, float(rates[i]),
                 name=f'blocks_{i}')(x, train)
+    if intermediates:   # LayerNorm is per token: the class token's is the same
+      x = _layer_norm('norm')(x)
+      return {'patch_tokens': x[:, 1:].reshape(n, gh, gw, d), 'cls': x[:, 0]}
     return _layer_norm('norm')(x[:, 0])   # per token: the class token's alone
 
 

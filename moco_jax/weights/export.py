@@ -153,25 +153,10 @@ def read_flax_export(path: str) -> dict:
 
 
 def load_flax_backbone(path: str, **overrides):
-  """Rebuilds an exported backbone.
-
-  Args:
-    path: a `--format=flax` export.
-    **overrides: ResNet attributes to set, e.g. dtype=jnp.bfloat16.
-
-  Returns:
-    (module, variables): a models.ResNet and its {'params', 'batch_stats'};
-    `module.apply(variables, images, train=False)` maps normalised images
-    (N, H, W, 3) to features (N, module.num_features).
-  """
-  tree = read_flax_export(path)
-  info = tree['model']
-  if is_vit(info['arch']):   # a models.ViT; no batch_stats
-    module = vit(info['arch'], image_size=info['image_size'], **overrides)
-    return module, {'params': tree['params'], 'batch_stats': {}}
-  module = resnet(info['arch'], width_multiplier=info['width_multiplier'],
-                  cifar_stem=info['cifar_stem'], **overrides)
-  return module, {'params': tree['params'], 'batch_stats': tree['batch_stats']}
+  """Rebuilds an exported backbone: weights/backbone.py's load_flax_backbone
+  (a Backbone, which unpacks as (module, variables))."""
+  from moco_jax.weights import backbone  # pylint: disable=g-import-not-at-top (it imports this module)
+  return backbone.load_flax_backbone(path, **overrides)
 
 
 def flax_export_to_torchvision(path: str) -> dict:
