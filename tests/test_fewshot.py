@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TINY_DATASET, smoke_config
-from moco_jax.config.normalization import MEAN_STD
+from moco_jax.augment.normalization import MEAN_STD
 from moco_jax.data import inputs, subset
 from moco_jax.data.info import DatasetError
 from moco_jax.evaluation import fewshot, knn

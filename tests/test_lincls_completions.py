@@ -8,13 +8,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import REPO
-from moco_jax import augment, optim
-from moco_jax.config.normalization import MEAN_STD
+from moco_jax import optim
+from moco_jax.augment import colour as augment
+from moco_jax.augment.normalization import MEAN_STD
 from moco_jax.evaluation import linear
 from moco_jax.evaluation.knn import backbone_from_config
-from moco_jax.runtime.mesh import make_mesh
+from moco_jax.runtime.mesh import AXIS, make_mesh
 from moco_jax.runtime.metric_writer import read_metrics
 from test_lincls import lincls_config
 
@@ -74,7 +76,9 @@ def _one_step(config, workdir, mesh, images, labels):
   step = linear.make_train_step(mesh, run.logits_fn, run.optimizer, run.schedule)
   state = run.init_state()
   backbone = run.load_backbone()
-  state, _ = step(state, backbone, run.to_global(images), run.to_global(labels))
+  to_global = lambda local: jax.make_array_from_process_local_data(
+      NamedSharding(mesh, P(AXIS)), local)
+  state, _ = step(state, backbone, to_global(images), to_global(labels))
   return run, backbone, jax.device_get(state)
 
 
