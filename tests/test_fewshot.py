@@ -85,7 +85,8 @@ def test_balanced_subset_is_balanced_seeded_and_nested():
 
 def _selected(data_config, mesh):
   """Sorted (label, image bytes) of every example the training split yields."""
-  batches = inputs.eval_batches(data_config, data_config.train_split, 8, mesh)
+  batches = inputs.eval_batches(data_config, data_config.train_split, 8, mesh,
+                                inputs.on_device(data_config, mesh)[0])
   rows = []
   for batch in batches:
     images, labels, mask = (np.asarray(jax.device_get(batch[k])) for k in ('image', 'label', 'mask'))
@@ -136,9 +137,11 @@ def test_evaluator_equals_the_closed_form_on_independently_selected_features(tin
   # Features of the whole splits in record order, one image at a time.
   mean, std = MEAN_STD[config.data.normalization]
   features = jax.jit(knn.features_fn(backbone, mean, std))
+  one_device = make_mesh(jax.devices()[:1])
   def split(name):
     rows = [(np.asarray(features(params, batch_stats, batch['image'][m][None]))[0], batch['label'][m])
-            for batch in inputs.eval_batches(config.data, name, 8, make_mesh(jax.devices()[:1]))
+            for batch in inputs.eval_batches(config.data, name, 8, one_device,
+                                             inputs.on_device(config.data, one_device)[0])
             for m in np.flatnonzero(batch['mask'])]
     return np.stack([r[0] for r in rows]), np.array([r[1] for r in rows])
   train_x, train_y = split('train')
