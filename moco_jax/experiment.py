@@ -58,14 +58,21 @@ def total_steps(config, epoch_steps: int) -> int:
 class Experiment:
   """Everything derived from a config that the loop and evaluators share."""
 
-  def __init__(self, config: ml_collections.ConfigDict, mesh=None):
+  def __init__(self, config: ml_collections.ConfigDict, mesh=None, info=None,
+               on_device=None):
+    """info, on_device: given instead of read from the dataset (the plan,
+    moco_jax/plan.py, compiles for slices whose data is elsewhere)."""
     check_config(config, jax.device_count() if mesh is None else mesh.size)
     self.config = config
-    self.info = inputs.dataset_info(config.data)
+    self.info = info or inputs.dataset_info(config.data)
     self.mesh = mesh or make_mesh()
     # data.on_device: the split on the devices, cropped in the step.
-    self.on_device, self.data_placement = inputs.on_device(
-        config.data, self.mesh, with_eval=config.eval.knn_every > 0 or config.eval.knn_at_start)
+    if on_device is None:
+      self.on_device, self.data_placement = inputs.on_device(
+          config.data, self.mesh,
+          with_eval=config.eval.knn_every > 0 or config.eval.knn_at_start)
+    else:
+      self.on_device, self.data_placement = on_device, 'given'
     self.epoch_steps = steps_per_epoch(config, self.info)
     if self.epoch_steps == 0:
       raise inputs.DatasetError(
@@ -104,19 +111,42 @@ class Experiment:
 
   def train_step(self):
     """step(state, *self.step_inputs(batch)) -> (state, metrics)."""
+    if not self.on_device:
+      return self.jitted_step(on_device=False)
+    step = self.jitted_step(on_device=True)
+    images = self.train_batches_split().images
+    return lambda state, indices: step(state, images, indices)
+
+  def jitted_step(self, on_device: bool):
+    """The jitted step of one input path: step(state, images_q, images_k) from
+    the host, or step(state, split images, indices) on the device."""
     c = self.config
     mean, std = MEAN_STD[c.data.normalization]
     kwargs = dict(encoder=self.encoder, optimizer=self.optimizer,
                   schedule=self.schedule, moco_config=c.moco,
                   augment_config=dict(recipe=c.data.augment, mean=mean, std=std),
                   total_steps=self.total_steps)
-    if not self.on_device:
+    if not on_device:
       return train_step.make_train_step(self.mesh, **kwargs)
-    step = device_step.make_device_train_step(
+    return device_step.make_device_train_step(
         self.mesh, image_size=c.data.image_size, crop_scale=tuple(c.data.crop_scale),
         **kwargs)
-    images = self.train_batches_split().images
-    return lambda state, indices: step(state, images, indices)
+
+  def compiled_train_step(self, state, inputs: tuple):
+    """(step, FLOPs per device per step): the step compiled ahead of time for
+    `state` and the step inputs `inputs` (self.step_inputs of a batch), and
+    XLA's count of its FLOPs, the count moco_jax.plan reports for a slice
+    (the achieved MFU of a real run is measured against it)."""
+    from moco_jax.runtime import compiled_costs
+    jitted = self.jitted_step(self.on_device)
+    if not self.on_device:
+      compiled = jitted.lower(state, *inputs).compile()
+      step = compiled
+    else:
+      images = self.train_batches_split().images
+      compiled = jitted.lower(state, images, *inputs).compile()
+      step = lambda state, indices: compiled(state, images, indices)
+    return step, compiled_costs.program_costs(compiled, self.mesh.size)['flops']
 
   def train_batches_split(self):
     """The device-resident training split (data.on_device only)."""
