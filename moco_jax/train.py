@@ -14,7 +14,8 @@ from tqdm import tqdm
 
 from moco_jax.evaluation import knn as knn_evaluation
 from moco_jax.experiment import Experiment, describe_bn
-from moco_jax.runtime import checkpointing, health, paths, preemption, progress as clock
+from moco_jax.runtime import (accelerators, checkpointing, health, paths, preemption,
+                              progress as clock)
 from moco_jax.runtime.metric_writer import MetricWriter
 from moco_jax.weights import import_weights
 
@@ -143,6 +144,21 @@ def _long_run_hint(experiment: Experiment) -> str:
   return where
 
 
+def _with_mfu(experiment: Experiment, step_fn, state, inputs):
+  """(step, mfu) where mfu(images_per_sec) is the achieved model FLOP
+  utilisation: XLA's FLOPs per device per step (the count moco_jax.plan
+  reports) × steps/s / the chip's peak bf16 FLOP/s
+  (runtime/accelerators.py). On a CPU, or a chip whose peak is unknown,
+  (step_fn, None): the step is left to compile on its first call."""
+  device = experiment.mesh.devices.flat[0]
+  chip = accelerators.chip_of_device_kind(device.device_kind)
+  if device.platform == 'cpu' or chip is None:
+    return step_fn, None
+  step, flops = experiment.compiled_train_step(state, inputs)
+  batch = experiment.config.train.batch_size
+  return step, lambda images_per_sec: flops * images_per_sec / batch / chip.peak_flops
+
+
 def _device_batch(experiment: Experiment, batches):
   """The next host batch, sent to the devices (the copy runs asynchronously)."""
   return experiment.step_inputs(next(batches))
@@ -210,6 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         last_metrics.update(_log_knn(knn, state, 0, writer, bar))
       steps = clock.StepClock()
       next_batch = _device_batch(experiment, batches)
+      step_fn, mfu = _with_mfu(experiment, step_fn, state, next_batch)
       for step in range(start_step, last_step):
         state, metrics = step_fn(state, *next_batch)
         done = step + 1
@@ -235,6 +252,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           rate = steps.images_per_sec(config.train.batch_size)
           if rate is not None:  # none yet when only the compiling step ran
             last_metrics['images_per_sec'] = rate
+            if mfu is not None:
+              last_metrics['mfu'] = mfu(rate)
           writer.write(done, {**bn_facts, **last_metrics})
           bn_facts = {}
           _watch_collapse(monitor, done, last_metrics, config, bar)
