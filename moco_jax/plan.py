@@ -31,7 +31,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a pretraining config (a '
                                 'recipe in configs/).', lock_config=True)
 flags.DEFINE_string('topology', None, 'The TPU slice, e.g. v4-8, v4-32, v5e-256 '
-                    '(v5litepod-256), v5p-8, v6e-16.')
+                    '(v5litepod-256), v5p-8, v6e-16; or h100-8, h200-8 (one host of '
+                    'GPUs, with jax-cuda12-plugin).')
 flags.DEFINE_list('mfu', ['0.4', '0.6'], 'Assumed model FLOP utilisations for the '
                   'images/s estimates (fractions of the chip\'s peak bf16 FLOP/s).')
 flags.DEFINE_bool('json', False, 'Print the plan as one JSON object instead of text.')
@@ -137,10 +138,11 @@ def _measure(jitted, args, tpu_slice, batch_per_device: int, mfus) -> dict:
 
 def _experiment(config, mesh, info):
   from moco_jax.config.checks import ConfigError
+  from moco_jax.data.info import DatasetError
   from moco_jax.experiment import Experiment
   try:
     return Experiment(config, mesh, info=info, on_device=False)
-  except ConfigError as error:
+  except (ConfigError, DatasetError) as error:
     raise PlanError(f'{error} (on {mesh.size} devices)') from None
 
 
@@ -389,7 +391,8 @@ def describe(plan: dict) -> str:
         f'{t["hbm_bytes_per_chip"] / 2**30:.0f} GiB{"" if p["fits"] else " (DOES NOT FIT)"} '
         f'(arguments {_size(m["arguments"])}, temporaries {_size(m["temporaries"])}, '
         f'outputs {_size(m["outputs"])}, donated {_size(m["aliased"])}); '
-        f'{_flops(p["flops"])} per device per step')
+        + (f'{_flops(p["flops"])} per device per step' if p['flops'] else
+           'FLOPs not counted (XLA gives no cost analysis for a GPU it cannot see)'))
     by_op = {}
     for coll in p['collectives']:
       entry = by_op.setdefault(coll['op'], [0, 0.0, 0, ''])
@@ -419,7 +422,8 @@ def main(argv):
   except Exception as error:
     cli.fail(f'invalid --config: {cli.error_line(error)}')
   from moco_jax.runtime import accelerators
-  if not accelerators.libtpu_installed():
+  gpu = FLAGS.topology.strip().lower().startswith(accelerators.GPUS)
+  if not gpu and not accelerators.libtpu_installed():
     cli.fail(f'the plan compiles for TPUs with libtpu, which is not installed: '
              f'{accelerators.INSTALL_LIBTPU}')
   mfus = [float(m) for m in FLAGS.mfu]

@@ -41,6 +41,11 @@ def run_plan(*flags, hide_libtpu=False, env=None):
                         env=dict(os.environ, **(env or {})))
 
 
+def accelerators_module():
+  from moco_jax.runtime import accelerators
+  return accelerators
+
+
 def tree_bytes(tree) -> int:
   return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
              for x in jax.tree.leaves(tree))
@@ -88,18 +93,18 @@ def test_flops_per_step_scale_linearly_with_the_per_device_batch():
 @needs_libtpu
 def test_an_oversized_batch_is_refused_in_one_line_and_writes_nothing(tmp_path):
   workdir = tmp_path / 'run'
-  # 16 GiB of v5e HBM cannot hold 2^16 of the smoke recipe's 64 px images.
+  # 16 GiB of v5e HBM cannot hold 2^15 of the smoke recipe's 64 px images.
   result = run_plan('--config=configs/smoke.py', '--topology=v5e-1',
-                    '--config.data.image_size=64', '--config.train.batch_size=65536',
-                    '--config.moco.queue_size=65536', '--programs=pretrain',
+                    '--config.data.image_size=64', '--config.train.batch_size=32768',
+                    '--config.moco.queue_size=32768', '--programs=pretrain',
                     f'--workdir={workdir}')
   lines = result.stderr.strip().splitlines()
   assert result.returncode == 2, result.stderr
   assert len(lines) == 1, result.stderr
-  assert lines[0].startswith('error: train.batch_size=65536 (65536 per device)')
+  assert lines[0].startswith('error: train.batch_size=32768 (32768 per device)')
   assert 'the largest per-device batch that fits is' in lines[0]
   fitting = int(lines[0].split('fits is ')[1].split()[0])
-  assert 0 < fitting < 65536 and fitting % 8 == 0
+  assert 0 < fitting < 32768 and fitting % 8 == 0
   assert result.stdout == ''
   assert not workdir.exists()
 
@@ -163,3 +168,39 @@ def test_a_real_run_measures_mfu_with_the_plans_flop_count(tiny_data_dir):
   planned = plan.pretrain_programs(config, accelerators.parse_slice('v4-16'), mesh,
                                    info, shape, [0.4], paths=('host',))
   assert flops > 0 and flops == planned['pretrain (host crops)']['flops']
+
+
+@pytest.mark.skipif(not accelerators_module().cuda_plugin_installed(),
+                    reason='jax-cuda12-plugin not installed (the GPU plan is optional)')
+def test_the_smoke_recipe_compiles_for_eight_h100s_without_a_gpu():
+  from moco_jax import plan
+  result = plan.make_plan(smoke(), 'h100-8', programs=('pretrain',))
+  host = result['programs']['pretrain (host crops)']
+  assert result['topology']['chips'] == 8 and result['fits']
+  assert host['memory']['arguments'] > config_queue_bytes(smoke())
+  # The keys' all-gather for the queue, and no image gather (statistics).
+  assert any(c['op'] == 'all-gather' for c in host['collectives'])
+  assert not any(c['shape'].startswith('u8') for c in host['collectives'])
+
+
+def config_queue_bytes(config) -> int:
+  return config.moco.queue_size * config.model.dim * 4
+
+
+@needs_libtpu
+def test_shuffle_bn_by_statistics_moves_less_than_the_images():
+  """The collectives per chip per step of the smoke recipe's step on a v5e-16:
+  moving BN statistics instead of images must cut the bytes, by most of
+  the image gather's size (B x 16 x 16 x 3 float32, received by every chip)."""
+  from moco_jax import plan
+  moved = {}
+  for mode in ('images', 'statistics'):
+    config = smoke(**{'train.batch_size': 256, 'moco.queue_size': 512,
+                      'moco.bn_groups': 16, 'moco.shuffle_bn_mode': mode})
+    host = plan.make_plan(config, 'v5e-16', programs=('pretrain',))[
+        'programs']['pretrain (host crops)']
+    moved[mode] = sum(c['bytes_per_chip'] for c in host['collectives'])
+    print(mode, moved[mode], [(c['op'], c['shape']) for c in host['collectives']
+                              if c['bytes'] > 4096])
+  image_gather = 256 * 16 * 16 * 3 * 4 * 15 / 16
+  assert moved['images'] - moved['statistics'] > 0.8 * image_gather

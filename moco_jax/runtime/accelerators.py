@@ -16,9 +16,10 @@ inter-chip bandwidth, each from Google's Cloud TPU documentation:
   v6e: https://cloud.google.com/tpu/docs/v6e  (918 TFLOP/s, 32 GiB at 1638 GB/s;
        all-reduce 102.4 TB/s over 256 chips: 400 GB/s per chip; up to 8 chips
        on one host, 4 per host beyond)
-GPUs (peak dense bf16, for the MFU of a real run only; nothing compiles for
-them here, see docs/pod_plan.md): H100 SXM 989 TFLOP/s, 80 GB at 3.35 TB/s;
-H200 989 TFLOP/s, 141 GB at 4.8 TB/s (NVIDIA's data sheets).
+GPUs (peak dense bf16; NVIDIA's data sheets): H100 SXM 989 TFLOP/s, 80 GB at
+3.35 TB/s; H200 989 TFLOP/s, 141 GB at 4.8 TB/s; NVLink 900 GB/s both ways
+(450 GB/s each way). `h100-8` compiles deviceless with jax-cuda12-plugin
+(memory and collectives; XLA gives no FLOP count without a GPU).
 
 libtpu compiles on an ordinary CPU machine: `get_topology_desc` describes a
 slice and jit(...).lower(...).compile() runs the real TPU compiler. Nothing
@@ -84,6 +85,8 @@ class Slice:
 
   @property
   def topology(self) -> str:
+    if self.chip.generation in GPUS:
+      return 'x'.join(map(str, self.shape))   # slices x hosts x GPUs
     return f'{self.chip.generation}:{"x".join(map(str, self.shape))}'
 
   @property
@@ -107,13 +110,41 @@ def _shape(generation: str, chips: int):
   return (_SHAPES_3D if generation in _3D else _SHAPES_2D).get(chips)
 
 
+# XLA's GPU description of a chip, for compiling without one (a
+# GpuTargetConfigProto, text format): NVIDIA's published H100 SXM / H200
+# numbers (132 SMs of compute capability 9.0, 228 KiB shared memory per SM).
+_GPU_TARGET = '''gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132
+  fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: {bandwidth} l2_cache_size: 52428800
+  clock_rate_ghz: 1.98 device_memory_size: {memory} shared_memory_per_block_optin: 232448
+  cuda_compute_capability {{ major: 9 }} registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 1 }}
+device_description_str: "{name}"
+'''
+_GPU_NAMES = {'h100': 'NVIDIA H100 80GB HBM3', 'h200': 'NVIDIA H200'}
+GPUS = tuple(_GPU_NAMES)
+INSTALL_CUDA_PLUGIN = 'pip install "jax-cuda12-plugin==<your jax version>" "jax-cuda12-pjrt==<your jax version>"'
+
+
 def known_slices() -> str:
   return ('v4-8, v4-16, v4-32 … v4-8192 and v5p-8 … v5p-8192 (TensorCores, 2 per chip); '
-          'v5e-1, v5e-4, v5e-8 … v5e-256 (or v5litepod-N) and v6e-1 … v6e-256 (chips)')
+          'v5e-1, v5e-4, v5e-8 … v5e-256 (or v5litepod-N) and v6e-1 … v6e-256 (chips); '
+          'h100-1 … h100-8, h200-1 … h200-8')
 
 
 def parse_slice(name: str) -> Slice:
   """'v4-32' -> Slice(v4, 16 chips, (2, 2, 4), 4 hosts); TopologyError if unknown."""
+  gpu = re.fullmatch(r'(h100|h200)(?:-(\d+))?', name.strip().lower())
+  if gpu:   # one host of 1-8 GPUs
+    count = int(gpu.group(2) or 1)
+    if not 1 <= count <= 8:
+      raise TopologyError(f'--topology={name!r}: 1 to 8 GPUs of one host (h100-8)')
+    return Slice(name, CHIPS[gpu.group(1)], count, (1, 1, count), 1)
   match = re.fullmatch(r'(v4|v5e|v5p|v6e|v5litepod)-(\d+)', name.strip().lower())
   if not match:
     raise TopologyError(f'--topology={name!r} is not a TPU slice name; valid: '
@@ -143,6 +174,11 @@ def libtpu_installed() -> bool:
   return importlib.util.find_spec('libtpu') is not None
 
 
+def cuda_plugin_installed() -> bool:
+  return (importlib.util.find_spec('jax_plugins') is not None
+          and importlib.util.find_spec('jax_plugins.xla_cuda12') is not None)
+
+
 def topology_devices(tpu_slice: Slice):
   """The slice's devices, compiled for by libtpu on this (CPU) machine.
 
@@ -152,6 +188,8 @@ def topology_devices(tpu_slice: Slice):
   Raises:
     TopologyError: libtpu is not installed (the message says how to install).
   """
+  if tpu_slice.chip.generation in GPUS:
+    return _gpu_devices(tpu_slice)
   if not libtpu_installed():
     raise TopologyError(f'the plan compiles for TPUs with libtpu, which is not '
                         f'installed: {INSTALL_LIBTPU}')
@@ -178,3 +216,22 @@ def topology_devices(tpu_slice: Slice):
     raise TopologyError(f'libtpu describes {tpu_slice.topology} as {len(devices)} '
                         f'devices, expected {tpu_slice.chips} chips')
   return devices
+
+
+def _gpu_devices(gpus: Slice):
+  """Deviceless GPUs (jax-cuda12-plugin, no GPU needed): XLA compiles for the
+  described chip. Its compiled programs report memory but no cost analysis."""
+  if not cuda_plugin_installed():
+    raise TopologyError(f'the plan compiles for GPUs with the CUDA plugin, which is '
+                        f'not installed: {INSTALL_CUDA_PLUGIN}')
+  import jax
+  if not jax.config.jax_platforms:
+    jax.config.update('jax_platforms', 'cpu')
+  from jax.experimental import topologies
+  chip = gpus.chip
+  target = _GPU_TARGET.format(bandwidth=int(chip.hbm_bandwidth), memory=chip.hbm_bytes,
+                              name=_GPU_NAMES[chip.generation])
+  description = topologies.get_topology_desc(
+      platform='cuda', topology_name=gpus.topology, target_config=target,
+      topology=gpus.topology)
+  return list(description.devices)
