@@ -56,6 +56,10 @@ def row(name, recipe, result) -> str:
     return f'| {recipe} | {name} | | | | | | | | | (not planned: {result.get("error")}) |'
   t, c = result['topology'], result['config']
   host = result['programs']['pretrain (host crops)']
+  if 'compiler' in host:   # refused by the TPU compiler for HBM
+    return (f'| {recipe} | {t["name"]} | {c["batch_size"]} ({c["batch_per_device"]}) | | '
+            f'> {host["memory"]["total"] / 2**30:.1f} / '
+            f'{t["hbm_bytes_per_chip"] / 2**30:.0f} ✗ | | | | | | |')
   gib = host['memory']['total'] / 2**30
   moved = sum(x['bytes_per_chip'] for x in host['collectives']) / 2**20
   rates = host['images_per_sec']

@@ -117,9 +117,32 @@ def _sds(shape, dtype, sharding):
   return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
 
+def _out_of_memory(error: Exception, batch_per_device: int) -> dict | None:
+  """The costs of a program the compiler refused for HBM, or None for any
+  other error. libtpu says e.g. 'RESOURCE_EXHAUSTED: Ran out of memory on
+  HBM, the total memory required for HLO temporaries (110.16G) exceeds
+  available HBM (15.75G)'."""
+  import re
+  message = ' '.join(str(error).split())
+  if 'RESOURCE_EXHAUSTED' not in message:
+    return None
+  needed = re.search(r'\(([\d.]+)G\) exceeds', message)
+  total = int(float(needed.group(1)) * 2**30) if needed else 0
+  return {'fits': False, 'batch_per_device': batch_per_device, 'flops': 0.0,
+          'memory': {'total': total, 'arguments': 0, 'outputs': 0, 'temporaries': total,
+                     'aliased': 0, 'code': 0},
+          'collectives': [], 'compiler': message[message.index('RESOURCE_EXHAUSTED'):]}
+
+
 def _measure(jitted, args, tpu_slice, batch_per_device: int, mfus) -> dict:
   from moco_jax.runtime import compiled_costs
-  compiled = jitted.lower(*args).compile()
+  try:
+    compiled = jitted.lower(*args).compile()
+  except Exception as error:  # the TPU compiler refuses what cannot fit
+    refused = _out_of_memory(error, batch_per_device)
+    if refused is None:
+      raise
+    return refused
   costs = compiled_costs.program_costs(compiled, tpu_slice.chips)
   chip = tpu_slice.chip
   costs['roofline_s'] = compiled_costs.roofline_seconds(
@@ -356,7 +379,8 @@ def refusal(plan: dict) -> str:
          f'(--config.train.batch_size={fitting * t["chips"]})' if fitting
          else 'not even the smallest valid per-device batch fits: use a larger slice')
   return (f'train.batch_size={c["batch_size"]} ({c["batch_per_device"]} per device) '
-          f'needs {host["memory"]["total"] / 2**30:.2f} GiB of HBM per device on '
+          f'needs {"at least " if "compiler" in host else ""}'
+          f'{host["memory"]["total"] / 2**30:.2f} GiB of HBM per device on '
           f'{t["name"]}, which has {t["hbm_bytes_per_chip"] / 2**30:.0f} GiB; {fix}')
 
 
@@ -384,6 +408,9 @@ def describe(plan: dict) -> str:
   for name, p in plan['programs'].items():
     if 'skipped' in p:
       lines.append(f'{name}: not compiled: {p["skipped"]}')
+      continue
+    if 'compiler' in p:
+      lines.append(f'{name}: DOES NOT FIT: {p["compiler"]}')
       continue
     m = p['memory']
     lines.append(
