@@ -356,9 +356,13 @@ def make_plan(config, topology: str, mfus=(0.4, 0.6), programs=PROGRAMS) -> dict
       'mfus': list(mfus), 'programs': {},
   }
   if 'pretrain' in programs:
+    # The host path first: when it does not fit, nothing else is compiled.
     plan['programs'].update(pretrain_programs(config, tpu_slice, mesh, info,
-                                              image_shape, mfus))
+                                              image_shape, mfus, paths=('host',)))
     host = plan['programs']['pretrain (host crops)']
+    if host['fits']:
+      plan['programs'].update(pretrain_programs(config, tpu_slice, mesh, info,
+                                                image_shape, mfus, paths=('device',)))
     if not host['fits']:
       plan['fits'] = False
       plan['largest_fitting_batch_per_device'] = largest_fitting_batch(
