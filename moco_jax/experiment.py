@@ -126,19 +126,27 @@ def abstract_state(config, sharding=None, *, encoder=None, optimizer=None,
 class Experiment:
   """Everything derived from a config that the loop and evaluators share."""
 
-  def __init__(self, config: ml_collections.ConfigDict, mesh=None):
+  def __init__(self, config: ml_collections.ConfigDict, mesh=None, info=None,
+               on_device=None):
+    """info, on_device: given instead of read from the dataset (the plan,
+    moco_jax/plan.py, compiles for slices whose data is elsewhere)."""
     check_config(config, jax.device_count() if mesh is None else mesh.size)
     self.config = config
-    self.info = inputs.dataset_info(config.data)
+    self.info = info or inputs.dataset_info(config.data)
     self.mesh = mesh or make_mesh()
     # data.on_device, decided once from every split the run reads (the eval
-    # split only with kNN): the input, the step and the kNN evaluator follow it.
+    # split only with kNN or few-shot): the input, the step and the
+    # evaluators follow it. Given (on_device=...) by the plan, which compiles
+    # for a slice whose data is elsewhere.
     self.reads_eval_split = (config.eval.knn_every > 0 or config.eval.knn_at_start
                              or config.eval.fewshot_every > 0)
-    self.on_device = inputs.on_device(
-        config.data, self.mesh, with_eval=self.reads_eval_split)[0]
-    # The host input, tf.data or Grain (data.loader), checked before any compile.
-    self.loader = None if self.on_device else inputs.host_loader(config.data)
+    if on_device is None:
+      self.on_device = inputs.on_device(
+          config.data, self.mesh, with_eval=self.reads_eval_split)[0]
+      # The host input, tf.data or Grain (data.loader), checked before any compile.
+      self.loader = None if self.on_device else inputs.host_loader(config.data)
+    else:
+      self.on_device, self.loader = on_device, None
     self.epoch_steps = steps_per_epoch(config, self.info)
     self.total_steps = total_steps(config, self.epoch_steps)
     self.bn_layout = bn_layout(config, self.mesh.size)
@@ -164,16 +172,41 @@ class Experiment:
 
   def train_step(self):
     """step(state, *self.step_inputs(batch)) -> (state, metrics)."""
+    if not self.on_device:
+      return self.jitted_step(on_device=False)
+    step = self.jitted_step(on_device=True)
+    images = self.train_split.images
+    return lambda state, indices: step(state, images, indices)
+
+  def jitted_step(self, on_device: bool):
+    """The jitted step of one input path: step(state, images_q, images_k) from
+    the host, or step(state, split images, indices) on the device."""
     c = self.config
     mean, std = MEAN_STD[c.data.normalization]
     kwargs = dict(encoder=self.encoder, optimizer=self.optimizer,
                   schedule=self.schedule, moco_config=c.moco,
                   augment_config=dict(recipe=c.data.augment, mean=mean, std=std),
                   total_steps=self.total_steps)
-    if self.on_device:
-      kwargs.update(device_images=self.train_split.images, image_size=c.data.image_size,
+    if on_device:
+      kwargs.update(device_input=True, image_size=c.data.image_size,
                     crop_scale=tuple(c.data.crop_scale))
     return train_step.make_train_step(self.mesh, **kwargs)
+
+  def compiled_train_step(self, state, inputs: tuple):
+    """(step, FLOPs per device per step): the step compiled ahead of time for
+    `state` and the step inputs `inputs` (self.step_inputs of a batch), and
+    XLA's count of its FLOPs, the count moco_jax.plan reports for a slice
+    (the achieved MFU of a real run is measured against it)."""
+    from moco_jax.runtime import compiled_costs
+    jitted = self.jitted_step(self.on_device)
+    if not self.on_device:
+      compiled = jitted.lower(state, *inputs).compile()
+      step = compiled
+    else:
+      images = self.train_split.images
+      compiled = jitted.lower(state, images, *inputs).compile()
+      step = lambda state, indices: compiled(state, images, indices)
+    return step, compiled_costs.program_costs(compiled, self.mesh.size)['flops']
 
   @functools.cached_property
   def train_split(self):

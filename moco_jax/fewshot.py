@@ -16,6 +16,7 @@ step (not with --random_init).
 """
 import json
 import os
+import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
 
@@ -27,17 +28,25 @@ from moco_jax.runtime import cli
 from moco_jax.runtime.mesh import make_mesh
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'A moco_jax pretraining workdir.')
-flags.DEFINE_integer('step', -1, 'Checkpoint step to evaluate; -1: the newest.')
-flags.DEFINE_list('shots', None, 'Images per class, comma-separated; default '
-                  'eval.fewshot_shots (1,5,10,25).')
-flags.DEFINE_integer('seeds', None, 'Draws of the k-shot images (seeds 0..N-1); '
-                     'default eval.fewshot_seeds (3).')
-flags.DEFINE_float('l2_reg', None, 'Ridge penalty on the unit-norm features; '
-                   'default eval.fewshot_l2_reg (1.0).')
-flags.DEFINE_boolean('random_init', False, 'Evaluate the randomly initialised network.')
-config_flags.DEFINE_config_dict('config', base_config(),
-                                'Overrides of the saved config, e.g. --config.data.data_dir=...')
+
+
+def define_flags():
+  """Command-line flags; defined only when run as a program, so importing
+  this module next to another absl program does not clash."""
+  cli.check_flagfiles(sys.argv)   # before config_flags reads them (one line, not a traceback)
+  flags.DEFINE_string('workdir', None, 'A moco_jax pretraining workdir.')
+  flags.DEFINE_integer('step', -1, 'Checkpoint step to evaluate; -1: the newest.')
+  flags.DEFINE_list('shots', None, 'Images per class, comma-separated; default '
+                    'eval.fewshot_shots (1,5,10,25).')
+  flags.DEFINE_integer('seeds', None, 'Draws of the k-shot images (seeds 0..N-1); '
+                       'default eval.fewshot_seeds (3).')
+  flags.DEFINE_float('l2_reg', None, 'Ridge penalty on the unit-norm features; '
+                     'default eval.fewshot_l2_reg (1.0).')
+  flags.DEFINE_boolean('random_init', False, 'Evaluate the randomly initialised network.')
+  config_flags.DEFINE_config_dict('config', base_config(),
+                                  'Overrides of the saved config, e.g. --config.data.data_dir=...')
+
+
 NAMES = ('workdir', 'step', 'shots', 'seeds', 'l2_reg', 'random_init')
 
 
@@ -113,4 +122,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main, flags_parser=parse_flags)

@@ -231,6 +231,35 @@ def unshuffle_batch(y_local, permutation, axis_name):
   return _local_slice(y_global[inverse], y_local.shape[0], axis_name)
 
 
+SHUFFLE_BN_MODES = ('statistics', 'images')
+
+
+def shuffled_bn_groups(permutation, num_groups: int, axis_name):
+  """Shuffle BN by statistics: the BN group of each of this device's examples.
+
+  Moving the images (shuffle_batch) puts global example permutation[j] in
+  BN group j // (B / G); the key encoder only needs each group's forward
+  statistics, so every device keeps its own examples and normalises each
+  with the statistics of that group (models.batch_norm.GroupedBatchNorm's
+  shuffled_groups), summed over `axis_name`: G × C numbers per BN layer
+  cross devices instead of the B images, and no unshuffle of the keys.
+
+  Args:
+    permutation: (B,) the step's permutation of the global batch (as for
+      shuffle_batch).
+    num_groups: G, BN groups in the global batch (moco.bn_groups).
+    axis_name: the mapped device axis.
+
+  Returns:
+    (N,) int32 group of example d·N + n for n < N on device d.
+  """
+  batch = permutation.shape[0]
+  position = jnp.argsort(permutation)   # where each example lands
+  local = batch // jax.lax.axis_size(axis_name)
+  group = (position // (batch // num_groups)).astype(jnp.int32)
+  return _local_slice(group, local, axis_name)
+
+
 def _local_slice(x_global, local_size, axis_name):
   start = jax.lax.axis_index(axis_name) * local_size
   return jax.lax.dynamic_slice_in_dim(x_global, start, local_size, axis=0)

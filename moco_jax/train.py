@@ -18,7 +18,7 @@ from moco_jax.config.checks import queue_warning
 from moco_jax.evaluation import collapse, fewshot as fewshot_evaluation, knn as knn_evaluation
 from moco_jax.experiment import Experiment, describe_bn
 from moco_jax.models.encoder import is_vit
-from moco_jax.runtime import checkpointing, paths, progress as clock
+from moco_jax.runtime import accelerators, checkpointing, paths, progress as clock
 from moco_jax.runtime.loop import LoopHarness
 from moco_jax.runtime.metric_writer import MetricWriter
 from moco_jax.weights import import_weights
@@ -154,6 +154,21 @@ def _long_run_hint(experiment: Experiment) -> str:
   return where
 
 
+def _with_mfu(experiment: Experiment, step_fn, state, inputs):
+  """(step, mfu) where mfu(images_per_sec) is the achieved model FLOP
+  utilisation: XLA's FLOPs per device per step (the count moco_jax.plan
+  reports) × steps/s / the chip's peak bf16 FLOP/s
+  (runtime/accelerators.py). On a CPU, or a chip whose peak is unknown,
+  (step_fn, None): the step is left to compile on its first call."""
+  device = experiment.mesh.devices.flat[0]
+  chip = accelerators.chip_of_device_kind(device.device_kind)
+  if device.platform == 'cpu' or chip is None:
+    return step_fn, None
+  step, flops = experiment.compiled_train_step(state, inputs)
+  batch = experiment.config.train.batch_size
+  return step, lambda images_per_sec: flops * images_per_sec / batch / chip.peak_flops
+
+
 def _device_batch(experiment: Experiment, batches):
   """The next host batch, sent to the devices (the copy runs asynchronously)."""
   return experiment.step_inputs(next(batches))
@@ -234,6 +249,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                         skipped_images=skipped)
     if rate is not None:  # none yet when only the compiling step ran
       last_metrics['images_per_sec'] = rate
+      if mfu is not None:
+        last_metrics['mfu'] = mfu(rate)
     writer.write(done, {**bn_facts, **last_metrics})
     bn_facts = {}
     _watch_collapse(monitor, done, last_metrics, config, harness)
@@ -255,8 +272,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   # The harness calls `evaluate` on the steps of either schedule.
   eval_every = math.gcd(knn_every, fewshot_every)
+  # On an accelerator the step is compiled ahead of time for the first batch
+  # (its FLOP count gives the achieved MFU); that batch is then the first fed.
+  first_batch = [_device_batch(experiment, batches)]
+  step_fn, mfu = _with_mfu(experiment, step_fn, state, first_batch[0])
+
+  def next_inputs():
+    return first_batch.pop() if first_batch else _device_batch(experiment, batches)
+
   with harness:
-    harness.run(state, step_fn, lambda: _device_batch(experiment, batches), log=log,
+    harness.run(state, step_fn, next_inputs, log=log,
                 evaluate=evaluate if eval_every > 0 else None, eval_every=eval_every,
                 evaluate_first=(evaluate_first if knn is not None
                                 and config.eval.knn_at_start and start_step == 0 else None))

@@ -58,18 +58,31 @@ def shuffle_permutations(rng, step, global_batch: int, count: int = 1):
 
 
 def _encode_keys(encoder, target_params, target_batch_stats, x_k, permutation,
-                 shuffle_bn):
+                 shuffle_bn, shuffle_bn_mode='statistics'):
   """k = normalize(f_k(x_k)), through shuffle BN when on; no gradient.
+
+  shuffle_bn_mode 'statistics' keeps the images in place and normalises each
+  with its shuffled BN group's statistics (moco.shuffled_bn_groups); 'images'
+  moves the images as the reference does (all_gather, permute, unshuffle).
+  Both give the same keys and running statistics (tests/test_shuffle_bn_modes.py).
 
   Returns (N, C) keys in x_k's order and f_k's updated BN statistics.
   """
-  if shuffle_bn:
+  by_statistics = shuffle_bn and shuffle_bn_mode == 'statistics'
+  by_images = shuffle_bn and not by_statistics
+  extra = {}
+  if by_statistics:
+    # moco.bn_groups: the encoder's groups per device times the devices.
+    bn_groups = encoder.backbone.bn_groups * jax.lax.axis_size(AXIS)
+    extra['shuffled_groups'] = (
+        moco.shuffled_bn_groups(permutation, bn_groups, AXIS), bn_groups, AXIS)
+  if by_images:
     x_k = moco.shuffle_batch(x_k, permutation, AXIS)
   k, variables = encoder.apply(
       {'params': target_params, 'batch_stats': target_batch_stats},
-      x_k, train=True, mutable=['batch_stats'])
+      x_k, train=True, mutable=['batch_stats'], **extra)
   k = moco.l2_normalize(k)
-  if shuffle_bn:
+  if by_images:
     k = moco.unshuffle_batch(k, permutation, AXIS)
   return jax.lax.stop_gradient(k), variables['batch_stats']
 
@@ -85,7 +98,7 @@ def per_device_step(state: MoCoState, images_q, images_k, *, encoder, optimizer,
     encoder: models.Encoder (its per-device bn_groups already set).
     optimizer, schedule: optax transformation and step -> lr.
     moco_config: the `moco` config section (momentum, temperature, shuffle_bn,
-      symmetric).
+      shuffle_bn_mode, bn_groups, symmetric).
     augment_config: dict(recipe, mean, std) for augment.augment_batch.
     total_steps: steps of the whole run (moco.momentum_schedule='cosine').
 
@@ -123,7 +136,8 @@ def per_device_step(state: MoCoState, images_q, images_k, *, encoder, optimizer,
   for d in key_order:
     keys[d], target_batch_stats = _encode_keys(
         encoder, target_params, target_batch_stats, views[directions[d][1]],
-        permutations[d], moco_config.shuffle_bn)
+        permutations[d], moco_config.shuffle_bn,
+        moco_config.get('shuffle_bn_mode', 'statistics'))
 
   def loss_fn(params):
     loss, all_logits, queries, batch_stats = 0.0, [], [], state.batch_stats
@@ -186,26 +200,27 @@ def per_device_step(state: MoCoState, images_q, images_k, *, encoder, optimizer,
   return new_state, metrics
 
 
-def make_train_step(mesh: Mesh, *, device_images=None, image_size: int = 0,
+def make_train_step(mesh: Mesh, *, device_input: bool = False, image_size: int = 0,
                     crop_scale=(), **step_kwargs):
   """The jitted training step; the state is replicated and donated.
 
-  Host input (device_images None): step(state, images_q, images_k) ->
+  Host input (device_input False): step(state, images_q, images_k) ->
   (state, metrics), the two (B, S, S, 3) uint8 views global arrays sharded
   over the mesh's 'data' axis.
 
-  Device-resident input (data.on_device): step(state, indices) ->
-  (state, metrics). device_images: global (devices · n, H, W, 3) uint8
+  Device-resident input (data.on_device): step(state, split_images, indices)
+  -> (state, metrics). split_images: global (devices · n, H, W, 3) uint8
   sharded over AXIS, each device's block its process's split (data/device.py);
   indices: global (B,) int32 sharded over AXIS, each process's local rows.
   Each device gathers its rows and makes the two views (augment/views.py,
   image_size S, crop_scale RandomResizedCrop's area range) in front of the
-  same per_device_step.
+  same per_device_step. (Experiment.train_step binds the run's split; the
+  plan compiles this function for a split that is not on the machine.)
 
   `step_kwargs` are per_device_step's keyword arguments.
   """
   replicated = NamedSharding(mesh, P())
-  if device_images is None:
+  if not device_input:
     return sharded_jit(functools.partial(per_device_step, **step_kwargs), mesh,
                        in_specs=(P(), P(AXIS), P(AXIS)), out_specs=(P(), P()),
                        donate=(0,), out_shardings=(replicated, replicated))
@@ -215,7 +230,6 @@ def make_train_step(mesh: Mesh, *, device_images=None, image_size: int = 0,
                                     image_size=image_size, crop_scale=crop_scale)
     return per_device_step(state, views_q, views_k, **step_kwargs)
 
-  step = sharded_jit(per_device, mesh, in_specs=(P(), P(AXIS), P(AXIS)),
+  return sharded_jit(per_device, mesh, in_specs=(P(), P(AXIS), P(AXIS)),
                      out_specs=(P(), P()), donate=(0,),
                      out_shardings=(replicated, replicated))
-  return lambda state, indices: step(state, device_images, indices)

@@ -5,6 +5,9 @@ import os
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+# With libtpu installed (the plan's tests: pip install -e ".[tpu]") JAX would
+# also try to open a TPU, and libtpu warns on stderr that there is none.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import numpy as np
 import pytest

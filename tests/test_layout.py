@@ -1,7 +1,7 @@
 """The package layout's import rules, read from the source with `ast`.
 
 Layers, top to bottom (a module may import its own layer or lower ones):
-  4 cli        main, train, knn, lincls, export, plots (the commands and the
+  4 cli        main, train, knn, lincls, export, plots, plan (the commands and the
                pretraining loop)
   3 evaluation evaluation/, weights/
   2 core       the algorithm (state, moco, train_step, augment/, optim),
@@ -22,7 +22,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'moco_jax'
 CLI, EVALUATION, CORE, BASE = 4, 3, 2, 1
 TOP_LEVEL = {
     'main': CLI, 'train': CLI, 'knn': CLI, 'lincls': CLI, 'export': CLI, 'plots': CLI,
-    'finetune': CLI, 'fewshot': CLI,
+    'finetune': CLI, 'fewshot': CLI, 'plan': CLI,
     'state': CORE, 'moco': CORE, 'train_step': CORE, 'optim': CORE,
     'experiment': CORE,
 }

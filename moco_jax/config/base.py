@@ -42,6 +42,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.moco.momentum_schedule = 'constant'  # 'cosine' (v3): m₀ -> 1 over the run
   c.moco.temperature = 0.2
   c.moco.shuffle_bn = True
+  # How shuffle BN crosses devices: 'statistics' (each BN layer sums its
+  # shuffled groups' statistics over devices: G × C numbers) or 'images'
+  # (the reference's all_gather of the key images; kept for one release).
+  c.moco.shuffle_bn_mode = 'statistics'
   # BN groups in the GLOBAL batch, whatever the device count: the reference's 8
   # GPUs (or SplitBN 8). Each device normalises bn_groups / devices groups.
   c.moco.bn_groups = 8

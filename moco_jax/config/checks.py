@@ -5,7 +5,7 @@ from moco_jax.models import fast_conv
 from moco_jax.models.encoder import ENCODER_HEADS, is_vit
 from moco_jax.models.resnet import ARCHS
 from moco_jax.models.vit import ARCHS as VIT_ARCHS
-from moco_jax.moco import MOMENTUM_SCHEDULES
+from moco_jax.moco import MOMENTUM_SCHEDULES, SHUFFLE_BN_MODES
 from moco_jax.optim import OPTIMIZERS, SCHEDULES
 from moco_jax.augment.normalization import MEAN_STD
 from moco_jax.config.ranges import range_problems
@@ -32,6 +32,7 @@ def config_problems(config, num_devices: int) -> list[str]:
   _choice(problems, 'model.head', config.model.head, ENCODER_HEADS)
   _choice(problems, 'moco.momentum_schedule',
           config.moco.momentum_schedule, MOMENTUM_SCHEDULES)
+  _choice(problems, 'moco.shuffle_bn_mode', config.moco.shuffle_bn_mode, SHUFFLE_BN_MODES)
   _choice(problems, 'model.conv_impl', config.model.conv_impl, fast_conv.IMPLS)
   _choice(problems, 'data.augment', config.data.augment, augment.RECIPES)
   _choice(problems, 'data.normalization', config.data.normalization,

@@ -4,6 +4,12 @@ With `num_groups = S` a batch of N samples is normalised as S independent
 groups of N/S samples: the one-device stand-in for S devices each normalising
 its own shard (the MoCo CIFAR demo's SplitBatchNorm, "ghost" BN). Running
 statistics are averaged over the groups; inference uses them as plain BN.
+
+With `shuffled_groups` the groups are not contiguous and may span devices:
+shuffle BN by statistics (moco.shuffle_bn_mode='statistics'). Each example
+is normalised with the statistics of the BN group the step's permutation puts
+it in, computed from per-group partial sums psum'ed over the device axis, so
+only G × C numbers per layer cross devices instead of the batch of images.
 """
 import functools
 from typing import Any
@@ -73,6 +79,40 @@ def _normalize_bwd(num_groups, epsilon, out_dtype, res, cotangents):
 _normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 
+def shuffled_group_normalize(x, scale, bias, group_ids, num_groups: int, axis_name,
+                             epsilon, out_dtype):
+  """BatchNorm forward with statistics per BN group, the group given per example.
+
+  Args:
+    x: (N, ..., C) this device's examples (any float dtype).
+    scale, bias: (C,) float32.
+    group_ids: (N,) int32 in [0, num_groups), the BN group of each example
+      (a group may hold examples of several devices).
+    num_groups: G, the BN groups of the whole batch over `axis_name`.
+    axis_name: the mapped device axis the groups span (None: this device only).
+    epsilon: added to the variance; out_dtype: dtype of y.
+
+  Returns:
+    (y in x's shape and out_dtype, (G, C) group means, (G, C) biased group
+    variances, float32). Two passes (mean, then the mean of (x - mean)^2), as
+    `_normalize`. Exact float32 sums and gathers (no matmul, whose default
+    TPU precision is bfloat16). Forward only: the key encoder takes no gradient.
+  """
+  def group_sum(per_example):   # (N, ...) -> (G, ...), summed over devices
+    total = jax.ops.segment_sum(per_example, group_ids, num_segments=num_groups)
+    return total if axis_name is None else lax.psum(total, axis_name)
+
+  xf = x.astype(_stats_dtype(x.dtype)).reshape(x.shape[0], -1, x.shape[-1])
+  devices = 1 if axis_name is None else lax.axis_size(axis_name)
+  count = x.shape[0] * devices // num_groups * xf.shape[1]   # values per group
+  mean = group_sum(jnp.sum(xf, axis=1)) / count
+  xc = xf - mean[group_ids][:, None, :]
+  var = group_sum(jnp.sum(jnp.square(xc), axis=1)) / count
+  rstd = lax.rsqrt(var + epsilon)[group_ids][:, None, :]
+  y = (xc * (scale * rstd) + bias).astype(out_dtype).reshape(x.shape)
+  return y, mean, var
+
+
 class GroupedBatchNorm(nn.Module):
   """BatchNorm over the batch axis, optionally per group of samples.
 
@@ -85,6 +125,10 @@ class GroupedBatchNorm(nn.Module):
     dtype: output dtype; statistics are computed in float32 (float64 for
       float64 inputs).
     scale_init: initialiser of the scale (gamma).
+    shuffled_groups: None, or (group_ids, G, axis_name): each example's BN
+      group ((N,) int32), the groups of the whole batch and the device axis
+      they span (shuffle BN by statistics, see `shuffled_group_normalize`);
+      replaces num_groups' contiguous groups. Training mode only.
 
   The params ('scale', 'bias') and batch_stats ('mean', 'var') have
   flax.linen.BatchNorm's names and shapes (C,). As in PyTorch, the running
@@ -97,6 +141,7 @@ class GroupedBatchNorm(nn.Module):
   epsilon: float = 1e-5
   dtype: Any = None
   scale_init: Any = nn.initializers.ones
+  shuffled_groups: Any = None
 
   @nn.compact
   def __call__(self, x):
@@ -117,13 +162,22 @@ class GroupedBatchNorm(nn.Module):
       return y.astype(out_dtype)
 
     batch = x.shape[0]
-    if batch % self.num_groups:
+    if self.shuffled_groups is not None:
+      group_ids, groups, axis_name = self.shuffled_groups
+      y, mean, var = shuffled_group_normalize(
+          x, scale, bias, group_ids, groups, axis_name, self.epsilon,
+          jnp.dtype(out_dtype))
+      devices = 1 if axis_name is None else lax.axis_size(axis_name)
+      examples_per_group = batch * devices // groups   # every group the same size
+    elif batch % self.num_groups:
       raise ValueError(f'batch of {batch} samples cannot be split into '
                        f'num_groups={self.num_groups} BatchNorm groups')
-    y, mean, var = _normalize(x, scale, bias, self.num_groups, self.epsilon,
-                              jnp.dtype(out_dtype))
+    else:
+      y, mean, var = _normalize(x, scale, bias, self.num_groups, self.epsilon,
+                                jnp.dtype(out_dtype))
+      examples_per_group = batch // self.num_groups
     if not self.is_initializing():
-      samples_per_group = x.size // (self.num_groups * channels)
+      samples_per_group = examples_per_group * (x.size // (batch * channels))
       unbiased = samples_per_group / max(samples_per_group - 1, 1)
       mean, var = (s.mean(0).astype(jnp.float32) for s in (mean, var))
       m = self.momentum

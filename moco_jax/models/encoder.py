@@ -30,10 +30,14 @@ class Encoder(nn.Module):
   head: nn.Module
   predictor: Optional[nn.Module] = None
 
-  def __call__(self, images, train: bool = True, predict: bool = False):
+  def __call__(self, images, train: bool = True, predict: bool = False,
+               shuffled_groups=None):
     """predict: also apply the predictor (v3's query branch; the key
-    encoder and evaluation leave it out). Ignored without a predictor."""
-    z = self.head(self.backbone(images, train=train), train=train)
+    encoder and evaluation leave it out). Ignored without a predictor.
+    shuffled_groups: a ResNet backbone's BN groups per example (shuffle BN
+    by statistics; see models.batch_norm.GroupedBatchNorm)."""
+    extra = {} if shuffled_groups is None else {'shuffled_groups': shuffled_groups}
+    z = self.head(self.backbone(images, train=train, **extra), train=train)
     if predict and self.predictor is not None:
       z = self.predictor(z, train=train)
     return z

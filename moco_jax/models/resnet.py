@@ -109,7 +109,8 @@ class ResNet(nn.Module):
     return last_stage_width * EXPANSION[self.block]
 
   @nn.compact
-  def __call__(self, x, train: bool = True, intermediates: bool = False):
+  def __call__(self, x, train: bool = True, intermediates: bool = False,
+               shuffled_groups=None):
     """x: (N, H, W, 3) normalised images -> (N, num_features) float32.
 
     intermediates: return instead {'C2', 'C3', 'C4', 'C5', 'pooled'}: the
@@ -117,12 +118,15 @@ class ResNet(nn.Module):
     1, 2, 4, 8 with the CIFAR stem), (N, h, w, channels) in dtype, as the
     detection/segmentation necks of Detectron2 and torchvision consume them
     (res2-res5), and the pooled (N, num_features) float32 features.
+    shuffled_groups: None, or every BN layer's groups given per example
+    (GroupedBatchNorm.shuffled_groups: shuffle BN by statistics).
     """
     conv = functools.partial(fast_conv.conv_module(self.conv_impl),
                              use_bias=False, dtype=self.dtype,
                              kernel_init=conv_init)
     norm = functools.partial(GroupedBatchNorm, use_running_average=not train,
-                             num_groups=self.bn_groups, dtype=self.dtype)
+                             num_groups=self.bn_groups, dtype=self.dtype,
+                             shuffled_groups=shuffled_groups)
     block_cls = {'basic': BasicBlock, 'bottleneck': Bottleneck}[self.block]
     width = int(64 * self.width_multiplier)
 

@@ -1,0 +1,207 @@
+"""The pod plan (moco_jax/plan.py): the real step compiled for a TPU slice
+by libtpu on this CPU machine.
+
+Needs libtpu (pip install -e ".[tpu]"; .ci/run installs it); without it the
+compiling tests skip and only the missing-libtpu line is checked. The R50
+v4-8 recipe (~7 min of compiling on 2 cores) is opt-in:
+MOCO_JAX_TEST_R50_PLAN=1, as .ci/run does after the suite.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO, smoke_config
+
+HAVE_LIBTPU = importlib.util.find_spec('libtpu') is not None
+needs_libtpu = pytest.mark.skipif(not HAVE_LIBTPU, reason='libtpu not installed '
+                                  '(pip install -e ".[tpu]")')
+SLICE = 'v5e-4'   # 4 chips, one host: the smallest multi-chip slice
+
+
+def smoke(**overrides):
+  config = smoke_config('/nonexistent', **overrides)   # the catalogue's cifar10
+  config.data.dataset = 'cifar10'
+  return config
+
+
+def run_plan(*flags, hide_libtpu=False, env=None):
+  prelude = "import sys; sys.modules['libtpu'] = None; " if hide_libtpu else ''
+  code = (prelude + "import runpy; sys.argv = ['plan'] + sys.argv[1:]; "
+          "runpy.run_module('moco_jax.plan', run_name='__main__')")
+  if not hide_libtpu:
+    code = 'import sys; ' + code
+  return subprocess.run([sys.executable, '-c', code, *flags], cwd=REPO,
+                        capture_output=True, text=True, timeout=2400,
+                        env=dict(os.environ, **(env or {})))
+
+
+def accelerators_module():
+  from moco_jax.runtime import accelerators
+  return accelerators
+
+
+def tree_bytes(tree) -> int:
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(tree))
+
+
+@needs_libtpu
+def test_the_smoke_recipe_compiles_for_a_tpu_slice_and_holds_its_state():
+  from moco_jax import plan
+  from moco_jax.models import build_encoder
+  config = smoke()
+  result = plan.make_plan(config, SLICE, programs=('pretrain',))
+  host = result['programs']['pretrain (host crops)']
+  assert result['topology']['chips'] == 4 and result['fits']
+  # An independent count of what the step's arguments must hold: f_q's
+  # parameters three times (f_q, f_k, SGD momentum), both BN statistics, the
+  # queue, and this device's two uint8 views.
+  encoder = build_encoder(config.model, 1)
+  variables = jax.eval_shape(lambda: encoder.init(
+      jax.random.PRNGKey(0), np.zeros((2, 16, 16, 3), np.float32)))
+  params, stats = tree_bytes(variables['params']), tree_bytes(variables['batch_stats'])
+  queue = config.moco.queue_size * config.model.dim * 4
+  views = 2 * (config.train.batch_size // 4) * 16 * 16 * 3
+  assert host['memory']['arguments'] >= 3 * params + 2 * stats + queue + views
+  assert host['memory']['total'] < result['topology']['hbm_bytes_per_chip']
+  assert host['flops'] > 0
+  # Shuffle BN by statistics: no collective carries the images.
+  assert not any(c['op'] == 'all-gather' and c['shape'].startswith('u8')
+                 for c in host['collectives'])
+  # The CIFAR-sized split fits on the devices: that path compiles too.
+  assert 'memory' in result['programs']['pretrain (data on device)']
+
+
+@needs_libtpu
+def test_flops_per_step_scale_linearly_with_the_per_device_batch():
+  from moco_jax import plan
+  flops = {}
+  for per_device in (8, 16):
+    config = smoke(**{'train.batch_size': 4 * per_device,
+                      'moco.queue_size': 4 * 16 * 4})
+    result = plan.make_plan(config, SLICE, programs=('pretrain',))
+    flops[per_device] = result['programs']['pretrain (host crops)']['flops']
+  assert flops[16] / flops[8] == pytest.approx(2.0, rel=0.05)
+
+
+@needs_libtpu
+def test_an_oversized_batch_is_refused_in_one_line_and_writes_nothing(tmp_path):
+  workdir = tmp_path / 'run'
+  # 16 GiB of v5e HBM cannot hold 8192 of the smoke recipe's 64 px images
+  # (libtpu asks for ~3.4 MiB each). Each probe of the search compiles.
+  result = run_plan('--config=configs/smoke.py', '--topology=v5e-1',
+                    '--config.data.image_size=64', '--config.train.batch_size=8192',
+                    '--config.moco.queue_size=8192', '--programs=pretrain',
+                    f'--workdir={workdir}')
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 2, result.stderr
+  assert len(lines) == 1, result.stderr
+  assert lines[0].startswith('error: train.batch_size=8192 (8192 per device)')
+  assert 'the largest per-device batch that fits is' in lines[0]
+  fitting = int(lines[0].split('fits is ')[1].split()[0])
+  assert 0 < fitting < 8192 and fitting % 8 == 0
+  assert result.stdout == ''
+  assert not workdir.exists()
+
+
+def test_a_missing_libtpu_is_one_line_saying_how_to_install_it():
+  result = run_plan('--config=configs/smoke.py', '--topology=v5e-4', hide_libtpu=True)
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1, result.stderr
+  assert 'libtpu' in lines[0] and 'pip install' in lines[0]
+
+
+def test_unknown_slices_are_refused_with_the_valid_names():
+  from moco_jax.runtime import accelerators
+  assert accelerators.parse_slice('v4-32').shape == (2, 2, 4)
+  assert accelerators.parse_slice('v4-32').chips == 16
+  assert accelerators.parse_slice('v5litepod-256').topology == 'v5e:16x16'
+  assert accelerators.parse_slice('v5p-8').chips == 4
+  for bad in ('v4-6', 'v5e-3', 'v7-8', 'tpu'):
+    with pytest.raises(accelerators.TopologyError, match='valid: v4-8'):
+      accelerators.parse_slice(bad)
+
+
+@pytest.mark.skipif(not (HAVE_LIBTPU and os.environ.get('MOCO_JAX_TEST_R50_PLAN')),
+                    reason='opt-in (MOCO_JAX_TEST_R50_PLAN=1): compiles ResNet-50, '
+                           '~7 min on 2 cores')
+def test_the_v2_r50_recipe_fits_a_v4_8():
+  result = run_plan('--config=configs/moco_v2_r50_imagenet.py', '--topology=v4-8',
+                    '--programs=pretrain', '--json')
+  assert result.returncode == 0, result.stderr
+  plan = json.loads(result.stdout)
+  host = plan['programs']['pretrain (host crops)']
+  assert plan['fits'] and host['batch_per_device'] == 64
+  # ResNet-50's forward is 4.1 G multiply-adds = 8.2 GFLOPs per 224 px
+  # image; backward twice that; the key encoder adds one more forward.
+  assert 64 * 4 * 8.2e9 * 0.8 < host['flops'] < 64 * 4 * 8.2e9 * 1.5
+
+
+def test_a_real_run_measures_mfu_with_the_plans_flop_count(tiny_data_dir):
+  """train_and_evaluate on an accelerator runs the step compiled ahead of time
+  (Experiment.compiled_train_step) and divides the plan's FLOP count by the
+  chip's peak. Here on 8 CPU devices: the AOT step gives the jitted step's
+  state, and its FLOPs are the plan's for the same mesh."""
+  from jax.sharding import Mesh
+  from moco_jax import plan
+  from moco_jax.experiment import Experiment
+  from moco_jax.runtime import accelerators
+  config = smoke_config(tiny_data_dir)
+  mesh = Mesh(np.array(jax.devices()[:8]), ('data',))
+  experiment = Experiment(config, mesh)
+  rng = np.random.default_rng(0)
+  views = [rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8) for _ in range(2)]
+  inputs = experiment.step_inputs({'images_q': views[0], 'images_k': views[1]})
+  step, flops = experiment.compiled_train_step(experiment.init_state(), inputs)
+  aot_state, aot_metrics = step(experiment.init_state(), *inputs)
+  jit_state, jit_metrics = experiment.train_step()(experiment.init_state(), *inputs)
+  assert float(aot_metrics['loss']) == float(jit_metrics['loss'])
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(aot_state.params),
+               jax.device_get(jit_state.params))
+  info, shape = plan.dataset_facts(config)
+  planned = plan.pretrain_programs(config, accelerators.parse_slice('v4-16'), mesh,
+                                   info, shape, [0.4], paths=('host',))
+  assert flops > 0 and flops == planned['pretrain (host crops)']['flops']
+
+
+@pytest.mark.skipif(not accelerators_module().cuda_plugin_installed(),
+                    reason='jax-cuda12-plugin not installed (the GPU plan is optional)')
+def test_the_smoke_recipe_compiles_for_eight_h100s_without_a_gpu():
+  from moco_jax import plan
+  result = plan.make_plan(smoke(), 'h100-8', programs=('pretrain',))
+  host = result['programs']['pretrain (host crops)']
+  assert result['topology']['chips'] == 8 and result['fits']
+  assert host['memory']['arguments'] > config_queue_bytes(smoke())
+  # The keys' all-gather for the queue, and no image gather (statistics).
+  assert any(c['op'] == 'all-gather' for c in host['collectives'])
+  assert not any(c['shape'].startswith('u8') for c in host['collectives'])
+
+
+def config_queue_bytes(config) -> int:
+  return config.moco.queue_size * config.model.dim * 4
+
+
+@needs_libtpu
+def test_shuffle_bn_by_statistics_moves_less_than_the_images():
+  """The collectives per chip per step of the smoke recipe's step on a v5e-16:
+  moving BN statistics instead of images must cut the bytes, by most of
+  the image gather's size (B x 16 x 16 x 3 float32, received by every chip)."""
+  from moco_jax import plan
+  moved = {}
+  for mode in ('images', 'statistics'):
+    config = smoke(**{'train.batch_size': 256, 'moco.queue_size': 512,
+                      'moco.bn_groups': 16, 'moco.shuffle_bn_mode': mode})
+    host = plan.make_plan(config, 'v5e-16', programs=('pretrain',))[
+        'programs']['pretrain (host crops)']
+    moved[mode] = sum(c['bytes_per_chip'] for c in host['collectives'])
+    print(mode, moved[mode], [(c['op'], c['shape']) for c in host['collectives']
+                              if c['bytes'] > 4096])
+  image_gather = 256 * 16 * 16 * 3 * 4 * 15 / 16
+  assert moved['images'] - moved['statistics'] > 0.8 * image_gather
