@@ -28,6 +28,14 @@ SKIPPED = [
     ('srun ', 'needs a SLURM cluster'),
     ('moco_v2_800ep_pretrain.pth.tar', "needs torch and the reference's 800-epoch checkpoint"),
     ('vit-s-300ep.pth.tar', 'needs ImageNet and the official MoCo v3 checkpoint'),
+    ('--config.pretrained_step=195', "the measured command: needs the full quickstart "
+     "run's step-195 checkpoint and CIFAR-10 (the block before it runs the same CLI)"),
+    ('model = Classifier(backbone=backbone.module', 'an excerpt of '
+     'examples/finetune_classifier.py, which tests/test_downstream.py runs'),
+    ("optax.multi_transform(", 'an excerpt of examples/frozen_dense_head.py, which '
+     'tests/test_downstream.py runs'),
+    ('class Classifier(nnx.Module)', 'an excerpt of examples/nnx_classifier.py, which '
+     'tests/test_downstream.py runs'),
 ]
 # Lines left out of a block whose other lines run.
 SKIPPED_LINES = [('python -m pytest -q -n auto', 'the test suite itself')]
@@ -106,7 +114,7 @@ def adapt_bash(code, tmp, data_dir):
     command = re.sub(r'--output=(?!/)', f'--output={tmp}/', command)
     if re.search(r'moco_jax\.main .*--workdir', command):
       command += ' ' + ' '.join(not_set_in(command, MAIN_SMOKE))
-    elif 'moco_jax.lincls' in command:
+    elif 'moco_jax.lincls' in command or 'moco_jax.finetune' in command:
       command += ' ' + ' '.join(not_set_in(command, LINCLS_SMOKE))
     elif 'moco_jax.plots' in command:
       command += ' --bank_size=64'
