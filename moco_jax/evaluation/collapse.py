@@ -60,46 +60,6 @@ class CollapseMonitor:
     if self.warned or max(self._low_std, self._at_chance) < PATIENCE:
       return None
     self.warned = True
-    return (f'warning: the loss is {loss:.4g} at step {step}, more than '
-            f'{self.FACTOR:g}x chance ln(classes) = {self.chance:.3g}: training may be '
-            f'diverging; lower optim.base_lr')
-
-
-def healthy_feature_std(dim: int) -> float:
-  """1/sqrt(C): the feature_std of features spread uniformly on the sphere."""
-  return 1.0 / math.sqrt(dim)
-
-
-class CollapseMonitor:
-  """Watches the logged metrics for collapse; says so once.
-
-  Args:
-    dim: C, the projection dimension.
-    chance: the loss at chance, in the logged loss's units (moco.chance_loss,
-      next to the losses it describes).
-    grace_steps: the loss sign only counts after these steps.
-    causes: the run's settings to name as likely causes (a short string).
-  """
-
-  def __init__(self, dim: int, chance: float, grace_steps: int, causes: str):
-    self.healthy = healthy_feature_std(dim)
-    self.chance, self.grace_steps, self.causes = chance, grace_steps, causes
-    self._low_std = self._at_chance = 0
-    self.warned = False
-
-  def update(self, step: int, metrics: dict) -> str | None:
-    """Feeds one log step's metrics ('feature_std', 'loss'); returns the
-    one-line warning the first time collapse has persisted PATIENCE log
-    steps, else None."""
-    std, loss = metrics.get('feature_std'), metrics.get('loss')
-    low = std is not None and std < STD_FRACTION * self.healthy
-    self._low_std = self._low_std + 1 if low else 0
-    flat = (loss is not None and step > self.grace_steps
-            and abs(loss - self.chance) <= CHANCE_TOLERANCE * self.chance)
-    self._at_chance = self._at_chance + 1 if flat else 0
-    if self.warned or max(self._low_std, self._at_chance) < PATIENCE:
-      return None
-    self.warned = True
     at_chance = (f'loss {loss:.4g} within {CHANCE_TOLERANCE:.0%} of its chance level '
                  f'{self.chance:.4g} (features that tell the images apart no better '
                  f'than a guess)')
