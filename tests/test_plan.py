@@ -4,7 +4,7 @@ by libtpu on this CPU machine.
 Needs libtpu (pip install -e ".[tpu]"; .ci/run installs it); without it the
 compiling tests skip and only the missing-libtpu line is checked. The R50
 v4-8 recipe (~7 min of compiling on 2 cores) is opt-in:
-MOCO_JAX_TEST_R50_PLAN=1, as .ci/run does after the suite.
+MOCO_JAX_TEST_R50_PLAN=1 (not yet run anywhere; .ci/run leaves it out until it has passed once).
 """
 import importlib.util
 import json
