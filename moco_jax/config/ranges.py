@@ -58,6 +58,12 @@ LR_DROP_EPOCHS = Rule(
     'epochs > 0 in increasing order, any number of them, e.g. '
     "--config.optim.lr_drop_epochs='(60, 80)' or '(120,)'")
 
+FEWSHOT_SHOTS = Rule(
+    lambda v: (isinstance(v, (tuple, list)) and len(v) > 0 and all(map(_integer, v))
+               and all(k > 0 for k in v) and list(v) == sorted(v)),
+    "images per class, integers > 0 in increasing order, e.g. "
+    "--config.eval.fewshot_shots='(1, 5, 10, 25)'")
+
 # Dotted key -> rule. A recipe key that is a number or a tuple must be here
 # (tests/test_config_fuzz.py checks every key of every recipe).
 RULES = {
@@ -90,6 +96,10 @@ RULES = {
     'eval.knn_k': at_least(1, integer=True),
     'eval.knn_t': above(0),
     'eval.every_epochs': at_least(0),
+    'eval.fewshot_every': at_least(0),
+    'eval.fewshot_shots': FEWSHOT_SHOTS,
+    'eval.fewshot_seeds': at_least(1, integer=True),
+    'eval.fewshot_l2_reg': above(0),
     'pretrained_step': Rule(lambda v: _integer(v) and v >= -1,
                             '-1 (the newest checkpoint) or a step >= 0'),
 }
