@@ -225,7 +225,7 @@ def eval_programs(config, tpu_slice, mesh, info, mfus, which=('knn', 'lincls')) 
   from jax.sharding import NamedSharding, PartitionSpec as P
   from moco_jax import optim
   from moco_jax.config.lincls import lincls_base_config
-  from moco_jax.config.normalization import MEAN_STD
+  from moco_jax.augment.normalization import MEAN_STD
   from moco_jax.evaluation import knn, linear
   from moco_jax.runtime.mesh import AXIS
   experiment = _experiment(config, mesh, info)

@@ -159,6 +159,7 @@ def test_folders_give_the_same_batches_on_both_loaders(tmp_path):
   (root / 'class1' / '5.jpg').write_bytes(b'not an image')   # skipped by both
   config = data_config('', 'grain')
   config.dataset = f'folder:{root}'
+  config.train_split = '.'
   assert grain_loader.resolve_loader(config) == 'grain'
   # 9 divides the 36 files: every epoch reads the bad one.
   tfdata, grain = (pipeline.pretrain_batches(config, 9, seed=3),
@@ -182,7 +183,7 @@ def test_auto_picks_grain_for_array_record_without_the_approximate_shuffle_warni
   assert grain_loader.resolve_loader(folder) == 'tf.data'
   config = data_config(twins['array_record'], worker_count=0)
   assert grain_loader.resolve_loader(config) == 'grain'
-  batches = inputs.train_batches(config, BATCH, 0, 0, mesh=None)
+  batches = inputs.train_batches(config, BATCH, 0, 0)
   assert isinstance(batches, grain_loader.GrainTrainBatches)
   labels = next(batches)['label']
   out = capsys.readouterr().out

@@ -39,6 +39,6 @@ def test_every_logged_accuracy_is_a_percentage(tiny_data_dir, tmp_path):
   assert {'instance_top1', 'instance_top5', 'knn_top1', 'train_top1', 'lincls_top1',
           'lincls_top5'} <= set(found), sorted(found)
   for key, values in found.items():
-    assert re.fullmatch(r'[a-z]+_top[15]', key), key
+    assert re.fullmatch(r'[a-z_]+_top[15]', key), key
     assert all(0 <= v <= 100 for v in values), (key, values)
     assert max(values) > 1, (key, values)

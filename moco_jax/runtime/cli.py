@@ -244,9 +244,11 @@ def check_flagfiles(argv, depth: int = 0) -> None:
       name = argv[index + 1] if depth == 0 else argv[index]
     if name is None:
       continue
+    from etils import epath
     try:
-      with open(os.path.expanduser(name)) as f:
-        lines = [line.strip() for line in f if line.strip() and not line.startswith('#')]
+      text = epath.Path(os.path.expanduser(name)).read_text()
+      lines = [line.strip() for line in text.splitlines()
+               if line.strip() and not line.startswith('#')]
     except OSError as error:
       fail(f'--flagfile={name}: cannot read it ({error.strerror or error})')
     if depth < 8:
