@@ -244,9 +244,9 @@ def check_flagfiles(argv, depth: int = 0) -> None:
       name = argv[index + 1] if depth == 0 else argv[index]
     if name is None:
       continue
-    from etils import epath
+    from moco_jax.runtime import paths
     try:
-      text = epath.Path(os.path.expanduser(name)).read_text()
+      text = paths.read_bytes(paths.absolute(name, expand_user=True)).decode()
       lines = [line.strip() for line in text.splitlines()
                if line.strip() and not line.startswith('#')]
     except OSError as error:
