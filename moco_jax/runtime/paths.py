@@ -137,7 +137,13 @@ class RewrittenFile:
 
 
 def append_text(path, text: str) -> None:
-  """Appends to a local file (one write, flushed by close)."""
+  """Appends text to a file; on object storage (no append there) the object
+  is read and rewritten whole, so use RewrittenFile for a file written often."""
+  if is_url(path):
+    appended = RewrittenFile(path)
+    appended.write(text)
+    appended.close()
+    return
   with open(path, 'a') as f:
     f.write(text)
 
