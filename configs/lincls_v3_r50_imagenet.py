@@ -13,18 +13,8 @@ beside the last (best_acc1). Not the v1/v2 protocol (lr 30, step decay).
 python -m moco_jax.lincls --config=configs/lincls_v3_r50_imagenet.py --workdir=OUT \
     --config.pretrained=PRETRAIN_DIR
 """
-from moco_jax.config.lincls import lincls_base_config
+from moco_jax.config.lincls import lincls_v3_config
 
 
 def get_config():
-  c = lincls_base_config()
-  c.optim.name = 'sgd'
-  c.optim.base_lr = 0.1
-  c.optim.scale_lr = True          # per 256 images: 0.4 at batch 1024
-  c.optim.momentum = 0.9
-  c.optim.weight_decay = 0.0
-  c.optim.schedule = 'cosine'
-  c.optim.warmup_epochs = 0.0
-  c.train.batch_size = 1024
-  c.train.num_epochs = 90
-  return c
+  return lincls_v3_config(base_lr=0.1)   # per 256 images: 0.4 at batch 1024

@@ -11,6 +11,7 @@ Rerun the same command to resume; Ctrl-C or SIGTERM saves the current step
 first (a second Ctrl-C exits at once).
 """
 import os
+import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
 
@@ -26,6 +27,7 @@ FLAG_NAMES = ('config', 'workdir')
 def define_flags():
   """Command-line flags; defined only when run as a program, so importing
   this module next to another absl program does not clash."""
+  cli.check_flagfiles(sys.argv)   # before config_flags reads them (one line, not a traceback)
   config_flags.DEFINE_config_file('config', None, 'Path to a fine-tuning config file '
                                   '(configs/finetune_*.py).', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
@@ -63,16 +65,8 @@ def parse_flags(argv):
 
 
 def load_config():
-  try:
-    config = FLAGS.config
-    config.seed
-  except Exception as error:  # the file's own errors, bad overrides
-    cli.fail(f'invalid --config: {cli.error_line(error)}')
-  if 'finetune' not in config:
-    cli.fail(f'--config={config_flags.get_config_filename(FLAGS["config"])} is '
-             f'not a fine-tuning config (no `finetune` section; use '
-             f'configs/finetune_*.py)')
-  return config
+  return cli.config_of_kind(FLAGS, 'finetune', 'a fine-tuning config (no `finetune` section; '
+                            'use configs/finetune_*.py)')
 
 
 if __name__ == '__main__':

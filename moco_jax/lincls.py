@@ -60,16 +60,9 @@ def parse_flags(argv):
       problem=lambda: cli.workdir_problem(FLAGS.workdir))
 
 def load_config():
-  try:
-    config = FLAGS.config
-    config.seed
-  except Exception as error:  # the file's own errors, bad overrides
-    cli.fail(f'invalid --config: {cli.error_line(error)}')
-  if 'pretrained' not in config:
-    cli.fail(f'--config={config_flags.get_config_filename(FLAGS["config"])} is '
-             f'not a linear-evaluation config (no `pretrained` key; use '
-             f'configs/lincls_*.py); pretraining runs with python -m moco_jax.main')
-  return config
+  return cli.config_of_kind(FLAGS, 'pretrained', 'a linear-evaluation config (no `pretrained` '
+                            'key; use configs/lincls_*.py); pretraining runs with python -m '
+                            'moco_jax.main')
 
 
 if __name__ == '__main__':

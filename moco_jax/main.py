@@ -61,16 +61,8 @@ def parse_flags(argv):
       problem=lambda: None if FLAGS.show_config else cli.workdir_problem(FLAGS.workdir))
 
 def load_config():
-  """The config file with its overrides (config_flags loads it on first access)."""
-  try:
-    FLAGS.config.seed
-  except Exception as error:  # the file's own errors, bad overrides
-    cli.fail(f'invalid --config: {cli.error_line(error)}')
-  if 'moco' not in FLAGS.config:
-    cli.fail(f'--config={config_flags.get_config_filename(FLAGS["config"])} is not a '
-             f'pretraining config (no moco section); linear evaluation runs with '
-             f'python -m moco_jax.lincls')
-  return FLAGS.config
+  return cli.config_of_kind(FLAGS, 'moco', 'a pretraining config (no moco section); linear '
+                            'evaluation runs with python -m moco_jax.lincls')
 
 
 def main(argv):

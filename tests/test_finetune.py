@@ -16,6 +16,7 @@ from moco_jax.config.checks import ConfigError
 from moco_jax.data import pipeline
 from moco_jax.evaluation import finetune, finetune_augment, layers
 from moco_jax.runtime import checkpointing
+from moco_jax.runtime.metric_writer import read_metrics
 from moco_jax.weights import pretrained
 
 
@@ -63,6 +64,8 @@ def test_fine_tuning_moves_the_backbone_and_freezing_keeps_it(
   results = finetune.finetune(finetune_config(smoke_pretrain_dir, tiny_data_dir),
                               str(tmp_path / 'all'))
   assert 0 <= results['finetune_top1'] <= 100
+  logged = [e for e in read_metrics(str(tmp_path / 'all')) if 'finetune_top1' in e]
+  assert results['finetune_best_top1'] == max(e['finetune_top1'] for e in logged)
   moved = final_state(finetune_config(smoke_pretrain_dir, tiny_data_dir),
                       str(tmp_path / 'all'))
   for name in ('conv1', 'layer1_0', 'layer4_1'):

@@ -14,7 +14,7 @@ from conftest import REPO
 from moco_jax import optim
 from moco_jax.augment import colour as augment
 from moco_jax.augment.normalization import MEAN_STD
-from moco_jax.evaluation import linear
+from moco_jax.evaluation import classifier_loop, linear
 from moco_jax.evaluation.knn import backbone_from_config
 from moco_jax.runtime.mesh import AXIS, make_mesh
 from moco_jax.runtime.metric_writer import read_metrics
@@ -49,11 +49,14 @@ def test_best_epoch_is_the_maximum_so_far_and_survives_a_resume(tmp_path):
             {'step': 40, 'lincls_top1': 70.0}]
   (tmp_path / 'metrics.jsonl').write_text(
       ''.join(json.dumps(e) + '\n' for e in events) + '{"step": 50, "linc')  # cut line
-  best = linear.BestEpoch.from_log(str(tmp_path), up_to_step=30, epoch_steps=10)
+  best = classifier_loop.BestEpoch.from_log('lincls', str(tmp_path), up_to_step=30,
+                                             epoch_steps=10)
   assert (best.top1, best.epoch) == (55.5, 2.0)
   assert best.update(54.0, 4.0) == best
   assert best.update(60.0, 4.0).metrics() == {'lincls_best_top1': 60.0, 'lincls_best_epoch': 4.0}
-  assert linear.BestEpoch.from_log(str(tmp_path), 0, 10).top1 == -1.0
+  assert classifier_loop.BestEpoch.from_log('lincls', str(tmp_path), 0, 10).top1 == -1.0
+  # Fine-tuning's metrics are named by their own prefix.
+  assert classifier_loop.BestEpoch.from_log('finetune', str(tmp_path), 30, 10).top1 == -1.0
 
 
 def test_every_evaluation_logs_the_best_so_far(smoke_pretrain_dir, tiny_data_dir, tmp_path):

@@ -51,3 +51,21 @@ def lincls_base_config() -> ml_collections.ConfigDict:
   c.eval.every_epochs = 1          # top-1/top-5 on data.eval_split; 0 = only at the end
   c.eval.batch_size = 512          # global
   return c
+
+
+def lincls_v3_config(base_lr: float) -> ml_collections.ConfigDict:
+  """MoCo v3's linear protocol (moco-v3 main_lincls.py defaults): SGD momentum
+  0.9, no weight decay, base_lr per 256 images (scaled by the batch), batch
+  1024, 90 epochs, cosine decay to 0 without warm-up (the reference decays per
+  epoch, we per step). ResNet-50 and ViT recipes differ only in base_lr."""
+  c = lincls_base_config()
+  c.optim.name = 'sgd'
+  c.optim.base_lr = base_lr
+  c.optim.scale_lr = True
+  c.optim.momentum = 0.9
+  c.optim.weight_decay = 0.0
+  c.optim.schedule = 'cosine'
+  c.optim.warmup_epochs = 0.0
+  c.train.batch_size = 1024
+  c.train.num_epochs = 90
+  return c

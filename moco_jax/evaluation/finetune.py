@@ -13,7 +13,8 @@ statistics, a head-only warm-up, label smoothing, mixup/CutMix, random
 erasing, ViT drop-path.
 
 OUT gets metrics.jsonl (`loss`, `train_top1`, `lr`, `images_per_sec`;
-`finetune_top1`, `finetune_top5`, `finetune_best_top1` in percent on
+`finetune_top1`, `finetune_top5`, `finetune_best_top1` in percent and
+`finetune_best_epoch` on
 data.eval_split), TensorBoard events and orbax checkpoints of the whole state
 (rerun the command to resume exactly).
 """
@@ -36,13 +37,10 @@ from moco_jax.augment import colour as augment
 from moco_jax.config.checks import ConfigError, train_section_problems
 from moco_jax.config.finetune import BN_MODES, START_POINTS
 from moco_jax.data import inputs
-from moco_jax.evaluation import finetune_augment, layers
+from moco_jax.evaluation import classifier_loop, finetune_augment, layers
 from moco_jax.models import build_backbone, is_vit
-from moco_jax.runtime import checkpointing, health, paths
-from moco_jax.runtime.loop import LoopHarness
+from moco_jax.runtime import checkpointing, paths
 from moco_jax.runtime.mesh import AXIS, make_mesh, sharded_jit
-from moco_jax.runtime.metric_writer import MetricWriter
-from moco_jax.runtime.progress import progress
 from moco_jax.weights import pretrained, start_point
 from moco_jax.experiment import steps_per_epoch, total_steps
 
@@ -290,13 +288,8 @@ class Finetune:
 
   def evaluate(self, eval_step, state, batches) -> dict:
     """{'finetune_top1', 'finetune_top5'}: percent of data.eval_split."""
-    totals = {'top1': 0, 'top5': 0, 'count': 0}
-    for batch in progress(batches, 'finetune eval'):
-      counts = jax.device_get(eval_step(state.params, state.batch_stats, batch['image'],
-                                        batch['label'], batch['mask']))
-      totals = {key: totals[key] + int(counts[key]) for key in totals}
-    return {f'finetune_{key}': 100.0 * totals[key] / totals['count']
-            for key in ('top1', 'top5')}
+    return classifier_loop.accuracy('finetune', batches, lambda batch: eval_step(
+        state.params, state.batch_stats, batch['image'], batch['label'], batch['mask']))
 
 
 def _saved_config(workdir: str):
@@ -327,15 +320,6 @@ def _resume_problems(saved, config) -> list[str]:
   return problems
 
 
-def _best(writer_path: str) -> float:
-  from moco_jax.runtime.metric_writer import read_metrics
-  try:
-    values = [e['finetune_top1'] for e in read_metrics(writer_path) if 'finetune_top1' in e]
-  except (OSError, ValueError):
-    return -1.0
-  return max(values, default=-1.0)
-
-
 def finetune(config: ml_collections.ConfigDict, workdir: str, *,
              second_interrupt: str = 'raise') -> dict:
   """Fine-tunes and evaluates; resumes from workdir.
@@ -345,8 +329,9 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, *,
   resume), a second Ctrl-C as `preemption.StopRequests(second_interrupt)`.
 
   Returns:
-    The last {'finetune_top1', 'finetune_top5', 'finetune_best_top1'}
-    (percent); {} when stopped.
+    The last {'finetune_top1', 'finetune_top5'} and the best so far
+    {'finetune_best_top1', 'finetune_best_epoch'} (percent, epochs); {} when
+    stopped.
 
   Raises:
     ConfigError, DatasetError, PretrainedError (one line each) before
@@ -365,57 +350,17 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, *,
         f'{run.info.num_examples} labelled images of {run.info.name} '
         f'{config.data.train_split}, {run.info.num_classes} classes, '
         f'{last_step} steps')
-  writer = MetricWriter(workdir, enabled=is_main)
-  processes = jax.process_count()
-  # data.on_device, decided once from both splits the run reads (inputs.py).
-  on_device = inputs.on_device(config.data, run.mesh, with_eval=True)[0]
-  batches = inputs.labelled_batches(config.data, config.train.batch_size // processes,
-                                    config.seed, start_step, run.mesh, on_device)
-  eval_batches = inputs.eval_batches(config.data, config.data.eval_split,
-                                     config.eval.batch_size // processes, run.mesh,
-                                     on_device)
   train_step, eval_step = run.train_step(), run.eval_step()
-  eval_every = int(round(config.eval.every_epochs * run.epoch_steps))
-  results, best = {}, _best(workdir)
-  blow_up_watch = health.LossBlowUp(run.info.num_classes)
-  harness = LoopHarness(
-      'finetune', start_step, last_step, checkpointer, saved_config=config.to_dict(),
-      batch_size=config.train.batch_size, log_every=config.train.log_every,
-      checkpoint_every=config.train.checkpoint_every, writer=writer,
-      finite_hint='lower optim.base_lr', second_interrupt=second_interrupt)
-
-  def next_batch():
-    batch = next(batches)
-    return batch['image'], batch['label']
-
-  def watch(done, metrics):
-    blow_up = blow_up_watch.update(done, metrics['loss'])
-    if blow_up:
-      harness.write(blow_up)
-
-  def log(done, metrics, rate):
-    writer.write(done, dict(metrics, epoch=done / run.epoch_steps,
-                            **({'images_per_sec': rate} if rate else {})))
-    harness.set_postfix(done, loss=f'{metrics["loss"]:.3f}')
-
-  def evaluate(done, state):
-    nonlocal results, best
-    results = run.evaluate(eval_step, state, eval_batches)
-    best = max(best, results['finetune_top1'])
-    results['finetune_best_top1'] = best
-    writer.write(done, results)
-    harness.write(f'step {done}/{last_step}: finetune_top1 {results["finetune_top1"]:.2f} '
-                  f'top5 {results["finetune_top5"]:.2f} (best {best:.2f})')
-
-  with harness:
-    state = harness.run(state, train_step, next_batch, log=log, evaluate=evaluate,
-                        eval_every=eval_every, watch=watch)
-  if harness.stopped_by:
+  state, results = classifier_loop.train_classifier(
+      'finetune', config, workdir, run.mesh, checkpointer, state,
+      train_step=train_step,
+      evaluate=lambda s, batches: run.evaluate(eval_step, s, batches),
+      epoch_steps=run.epoch_steps, last_step=last_step, num_classes=run.info.num_classes,
+      second_interrupt=second_interrupt)
+  if not results:
     return {}
-  if not results:  # resumed a finished run
-    results = run.evaluate(eval_step, state, eval_batches)
-    results['finetune_best_top1'] = max(best, results['finetune_top1'])
   say(f'finetune: top1 {results["finetune_top1"]:.2f} top5 {results["finetune_top5"]:.2f} '
-      f'(best {results["finetune_best_top1"]:.2f}) after {last_step} steps from '
+      f'after {last_step} steps (last epoch); best top1 {results["finetune_best_top1"]:.2f} '
+      f'at epoch {results["finetune_best_epoch"]:g}; from '
       f'{config.init} {run.start.description}')
   return results

@@ -20,8 +20,6 @@ averaged over all devices in training (the result does not depend on the
 device count; the reference's DDP would use per-GPU ones) and its running
 statistics are used in evaluation.
 """
-import dataclasses
-import json
 import os
 from typing import Any
 
@@ -38,17 +36,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moco_jax import optim
 from moco_jax.augment import colour as augment
-from moco_jax.runtime import checkpointing, health, paths
-from moco_jax.runtime.loop import LoopHarness
-from moco_jax.evaluation import knn
+from moco_jax.runtime import checkpointing, paths
+from moco_jax.evaluation import classifier_loop, knn
 from moco_jax.data import inputs
 from moco_jax.data.info import single_class_warning
 from moco_jax.weights import pretrained
 from moco_jax.config.checks import ConfigError, image_size_problems, train_section_problems
 from moco_jax.config.ranges import range_problems
-from moco_jax.runtime.metric_writer import MetricWriter
 from moco_jax.runtime.mesh import AXIS, make_mesh, sharded_jit
-from moco_jax.runtime.progress import progress
 from moco_jax.augment.normalization import MEAN_STD
 from moco_jax.experiment import steps_per_epoch, total_steps
 
@@ -185,36 +180,6 @@ def make_eval_step(mesh, logits_fn):
                      in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS)))
 
 
-@dataclasses.dataclass(frozen=True)
-class BestEpoch:
-  """The best lincls_top1 so far and the epoch it was reached (-1: none)."""
-  top1: float = -1.0
-  epoch: float = -1.0
-
-  @classmethod
-  def from_log(cls, workdir: str, up_to_step: int, epoch_steps: int) -> 'BestEpoch':
-    """The best of the evaluations that workdir/metrics.jsonl logged at steps
-    up to `up_to_step` (a resumed run continues from them)."""
-    best = cls()
-    path = paths.join(workdir, 'metrics.jsonl')
-    if up_to_step <= 0 or not paths.isfile(path):
-      return best
-    for line in paths.read_bytes(path).decode().splitlines():
-      try:
-        event = json.loads(line)
-      except ValueError:
-        continue   # a line cut by a pre-emption
-      if 'lincls_top1' in event and event.get('step', 0) <= up_to_step:
-        best = best.update(event['lincls_top1'], event['step'] / epoch_steps)
-    return best
-
-  def update(self, top1: float, epoch: float) -> 'BestEpoch':
-    return BestEpoch(top1, epoch) if top1 > self.top1 else self
-
-  def metrics(self) -> dict:
-    return {'lincls_best_top1': self.top1, 'lincls_best_epoch': self.epoch}
-
-
 def check_backbone_unchanged(backbone_vars, reference_vars) -> None:
   """Raises BackboneChangedError unless every tensor is bit-identical."""
   got, want = jax.device_get(backbone_vars), jax.device_get(reference_vars)
@@ -307,13 +272,8 @@ class LinearEval:
   def evaluate(self, eval_step, head_vars, backbone_vars, batches) -> dict:
     """{'lincls_top1', 'lincls_top5'}: percent of data.eval_split.
     head_vars: head_variables(state)."""
-    totals = {'top1': 0, 'top5': 0, 'count': 0}
-    for batch in progress(batches, 'lincls eval'):
-      counts = jax.device_get(eval_step(
-          head_vars, backbone_vars, batch['image'], batch['label'], batch['mask']))
-      totals = {key: totals[key] + int(counts[key]) for key in totals}
-    return {f'lincls_{key}': 100.0 * totals[key] / totals['count']
-            for key in ('top1', 'top5')}
+    return classifier_loop.accuracy('lincls', batches, lambda batch: eval_step(
+        head_vars, backbone_vars, batch['image'], batch['label'], batch['mask']))
 
 
 def startup_summary(run: LinearEval, workdir: str) -> str:
@@ -365,60 +325,17 @@ def linear_evaluation(config: ml_collections.ConfigDict, workdir: str, *,
   say(startup_summary(run, workdir))
   if start_step > 0:
     say(f'lincls: resumed from step {start_step} of {checkpointer.path(start_step)}')
-  writer = MetricWriter(workdir, enabled=is_main)
-  processes = jax.process_count()
-  # data.on_device, decided once from both splits the run reads (inputs.py).
-  on_device = inputs.on_device(config.data, run.mesh, with_eval=True)[0]
-  batches = inputs.labelled_batches(config.data, config.train.batch_size // processes,
-                                    config.seed, start_step, run.mesh, on_device)
-  eval_batches = inputs.eval_batches(config.data, config.data.eval_split,
-                                     config.eval.batch_size // processes, run.mesh,
-                                     on_device)
   train_step = make_train_step(run.mesh, run.logits_fn, run.optimizer, run.schedule)
   eval_step = make_eval_step(run.mesh, run.logits_fn)
-  eval_every = config.eval.every_epochs * run.epoch_steps
-  results = {}
-  best = BestEpoch.from_log(workdir, start_step, run.epoch_steps)
-  blow_up_watch = health.LossBlowUp(run.info.num_classes)
-  harness = LoopHarness(
-      'lincls', start_step, last_step, checkpointer, saved_config=config.to_dict(),
-      batch_size=config.train.batch_size, log_every=config.train.log_every,
-      checkpoint_every=config.train.checkpoint_every, writer=writer,
-      finite_hint='lower optim.base_lr', second_interrupt=second_interrupt)
-
-  def next_batch():
-    batch = next(batches)
-    return batch['image'], batch['label']
-
-  def watch(done, metrics):
-    blow_up = blow_up_watch.update(done, metrics['loss'])
-    if blow_up:
-      harness.write(blow_up)
-
-  def log(done, metrics, rate):
-    writer.write(done, dict(metrics, epoch=done / run.epoch_steps,
-                            **({'images_per_sec': rate} if rate else {})))
-    harness.set_postfix(done, loss=f'{metrics["loss"]:.3f}')
-
-  def evaluate(done, state):
-    nonlocal results, best
-    results = run.evaluate(eval_step, head_variables(state), backbone_vars, eval_batches)
-    best = best.update(results['lincls_top1'], done / run.epoch_steps)
-    results.update(best.metrics())
-    writer.write(done, results)
-    harness.write(f'step {done}/{last_step}: lincls_top1 {results["lincls_top1"]:.2f} '
-                  f'lincls_top5 {results["lincls_top5"]:.2f} (best '
-                  f'{best.top1:.2f} at epoch {best.epoch:g})')
-
-  with harness:
-    state = harness.run(state, lambda s, *batch: train_step(s, backbone_vars, *batch),
-                        next_batch, log=log, evaluate=evaluate, eval_every=eval_every,
-                        watch=watch)
-  if harness.stopped_by:
+  state, results = classifier_loop.train_classifier(
+      'lincls', config, workdir, run.mesh, checkpointer, state,
+      train_step=lambda s, *batch: train_step(s, backbone_vars, *batch),
+      evaluate=lambda s, batches: run.evaluate(eval_step, head_variables(s), backbone_vars,
+                                               batches),
+      epoch_steps=run.epoch_steps, last_step=last_step, num_classes=run.info.num_classes,
+      second_interrupt=second_interrupt)
+  if not results:
     return {}
-  if not results:  # resumed a finished run
-    results = run.evaluate(eval_step, head_variables(state), backbone_vars, eval_batches)
-    results.update(best.update(results['lincls_top1'], last_step / run.epoch_steps).metrics())
   # As the reference's sanity check: the frozen backbone must equal the
   # checkpoint it was loaded from, tensor by tensor.
   check_backbone_unchanged(backbone_vars, run.load_backbone())

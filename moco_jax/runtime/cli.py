@@ -54,6 +54,23 @@ def config_text(config) -> str:
   return '\n'.join(lines(config.to_dict(), ''))
 
 
+def config_of_kind(flag_values, required_key: str, wrong_kind: str):
+  """The --config file with its overrides (config_flags loads it on first
+  access). One line and exit 2 when it does not load, or when it lacks
+  `required_key` and so belongs to another command: `--config=FILE is not
+  {wrong_kind}`."""
+  from ml_collections import config_flags   # not at import: --help stays fast
+  try:
+    config = flag_values.config
+    config.seed
+  except Exception as error:  # the file's own errors, bad overrides
+    fail(f'invalid --config: {error_line(error)}')
+  if required_key not in config:
+    fail(f'--config={config_flags.get_config_filename(flag_values["config"])} is not '
+         f'{wrong_kind}')
+  return config
+
+
 def configs_dir() -> str | None:
   """configs/ of the working directory, else of the source checkout."""
   here = os.path.join(os.getcwd(), 'configs')
