@@ -1,4 +1,5 @@
 """Shared test setup: 8 fake CPU devices and a tiny on-disk TFDS dataset."""
+import importlib.util
 import os
 
 # Must be set before JAX initialises its backends.
@@ -141,15 +142,17 @@ def restored_state(config, workdir, step):
   return jax.device_get(state)
 
 
-def straight_and_resumed_runs(config, tmp_path, monkeypatch):
-  """Trains `config` into tmp_path/straight uninterrupted, and into
+def straight_and_resumed_runs(config, tmp_path, monkeypatch, run=None):
+  """Trains `config` with `run(config, workdir)` (default: pretraining's
+  train_and_evaluate) into tmp_path/straight uninterrupted, and into
   tmp_path/interrupted with a crash during step 3 (checkpoint 2 kept) followed
   by a rerun that resumes; returns the two workdirs."""
   from moco_jax import train
   from moco_jax.data import pipeline
   from moco_jax.runtime import checkpointing
+  run = run or train.train_and_evaluate
   straight, interrupted = str(tmp_path / 'straight'), str(tmp_path / 'interrupted')
-  train.train_and_evaluate(config, straight)
+  run(config, straight)
 
   real_next, served = pipeline.TrainBatches.__next__, []
 
@@ -164,11 +167,28 @@ def straight_and_resumed_runs(config, tmp_path, monkeypatch):
 
   monkeypatch.setattr(pipeline.TrainBatches, '__next__', dies_at_the_fourth_batch)
   with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, interrupted)
+    run(config, interrupted)
   monkeypatch.setattr(pipeline.TrainBatches, '__next__', real_next)
   assert checkpointing.Checkpointer(interrupted).all_steps() == [2]
-  train.train_and_evaluate(config, interrupted)             # resumes at step 2
+  run(config, interrupted)             # resumes at step 2
   return straight, interrupted
+
+
+def recipe_config(filename, pretrain_dir, data_dir, **overrides):
+  """configs/<filename> with `pretrained` and the tiny dataset filled in and
+  dotted overrides ('train.batch_size': 16) applied."""
+  spec = importlib.util.spec_from_file_location(
+      filename.removesuffix('.py'), os.path.join(REPO, 'configs', filename))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.pretrained = pretrain_dir
+  config.data.dataset, config.data.data_dir = TINY_DATASET, data_dir
+  config.data.image_size = 16
+  for dotted, value in overrides.items():
+    section, key = dotted.split('.') if '.' in dotted else (None, dotted)
+    (config[section] if section else config)[key] = value
+  return config
 
 
 # Under `-n auto --dist loadfile` each test file runs whole on one worker, and

@@ -11,35 +11,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY_DATASET
+from conftest import REPO, TINY_DATASET, recipe_config, straight_and_resumed_runs
 from moco_jax.config.checks import ConfigError
-from moco_jax.data import pipeline
 from moco_jax.evaluation import finetune, finetune_augment, layers
-from moco_jax.runtime import checkpointing
 from moco_jax.runtime.metric_writer import read_metrics
 from moco_jax.weights import pretrained
 
 
 def finetune_config(pretrain_dir, data_dir, **overrides):
   """configs/finetune_cifar10_cpu.py on the tiny dataset, with dotted overrides."""
-  spec = importlib.util.spec_from_file_location(
-      'finetune_cifar10_cpu', os.path.join(REPO, 'configs', 'finetune_cifar10_cpu.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.pretrained = pretrain_dir
-  config.data.dataset, config.data.data_dir = TINY_DATASET, data_dir
-  config.data.image_size = 16
-  config.data.on_device = False
-  config.train.batch_size = config.eval.batch_size = 16
-  config.train.num_steps = 4
-  config.train.log_every = 2
-  config.train.checkpoint_every = 2
-  config.eval.every_epochs = 0
-  for dotted, value in overrides.items():
-    section, key = dotted.split('.') if '.' in dotted else (None, dotted)
-    (config[section] if section else config)[key] = value
-  return config
+  return recipe_config('finetune_cifar10_cpu.py', pretrain_dir, data_dir, **{
+      'data.on_device': False, 'train.batch_size': 16, 'eval.batch_size': 16,
+      'train.num_steps': 4, 'train.log_every': 2, 'train.checkpoint_every': 2,
+      'eval.every_epochs': 0, **overrides})
 
 
 def final_state(config, workdir):
@@ -92,28 +76,26 @@ def test_a_resumed_fine_tune_equals_an_uninterrupted_one(
   config = finetune_config(smoke_pretrain_dir, tiny_data_dir, **{
       'finetune.mixup_alpha': 0.8, 'finetune.cutmix_alpha': 1.0,
       'finetune.random_erasing': 0.25, 'finetune.label_smoothing': 0.1})
-  straight, interrupted = str(tmp_path / 'straight'), str(tmp_path / 'interrupted')
-  finetune.finetune(config, straight)
-
-  real_next, served = pipeline.TrainBatches.__next__, []
-
-  def dies_at_the_fourth_batch(batches):
-    if len(served) == 3:
-      raise KeyboardInterrupt
-    served.append(1)
-    return real_next(batches)
-
-  monkeypatch.setattr(pipeline.TrainBatches, '__next__', dies_at_the_fourth_batch)
-  with pytest.raises(KeyboardInterrupt):
-    finetune.finetune(config, interrupted)
-  monkeypatch.setattr(pipeline.TrainBatches, '__next__', real_next)
-  assert checkpointing.Checkpointer(interrupted).all_steps() == [2]
-  finetune.finetune(config, interrupted)
+  straight, interrupted = straight_and_resumed_runs(config, tmp_path, monkeypatch,
+                                                   run=finetune.finetune)
   a, b = final_state(config, straight), final_state(config, interrupted)
   assert int(a.step) == int(b.step) == 4
   for x, y in zip(jax.tree.leaves((a.params, a.batch_stats, a.opt_state)),
                   jax.tree.leaves((b.params, b.batch_stats, b.opt_state))):
     np.testing.assert_array_equal(x, y)
+
+
+def test_labels_per_class_is_a_key_of_both_supervised_configs(smoke_pretrain_dir, tiny_data_dir,
+                                                             tmp_path):
+  # docs/transfer.md tells users --config.data.labels_per_class=K: the key must
+  # exist in the fine-tuning and linear-probe recipes (an override of a missing
+  # key is refused), and set the number of training images to K per class.
+  lincls = recipe_config('lincls_cifar10.py', smoke_pretrain_dir, tiny_data_dir)
+  assert (lincls.data.labels_per_class, lincls.data.labels_seed) == (0, 0)
+  config = finetune_config(smoke_pretrain_dir, tiny_data_dir, **{'data.labels_per_class': 3})
+  run = finetune.Finetune(config, str(tmp_path / 'subset'))
+  assert run.info.num_examples == 3 * run.info.num_classes == 12
+  run.checkpointer.close()
 
 
 def test_a_wrong_class_count_is_one_line_and_creates_nothing(

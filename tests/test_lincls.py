@@ -1,6 +1,5 @@
 """Linear evaluation: it learns, the backbone stays bit-identical, the CLI works."""
 import hashlib
-import importlib.util
 import os
 import subprocess
 import sys
@@ -9,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY_DATASET, build_tiny_dataset
+from conftest import REPO, TINY_DATASET, build_tiny_dataset, recipe_config
 from moco_jax.evaluation import linear
 from moco_jax.weights import pretrained
 from moco_jax.runtime.metric_writer import read_metrics
@@ -18,19 +17,8 @@ from moco_jax.runtime.mesh import make_mesh
 
 def lincls_config(pretrain_dir, data_dir, **overrides):
   """configs/lincls_cifar10.py on the tiny dataset, with dotted overrides."""
-  spec = importlib.util.spec_from_file_location(
-      'lincls_cifar10', os.path.join(REPO, 'configs', 'lincls_cifar10.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.pretrained = pretrain_dir
-  config.data.dataset, config.data.data_dir = TINY_DATASET, data_dir
-  config.data.image_size = 16
-  config.train.batch_size = config.eval.batch_size = 64
-  for dotted, value in overrides.items():
-    section, key = dotted.split('.') if '.' in dotted else (None, dotted)
-    (config[section] if section else config)[key] = value
-  return config
+  return recipe_config('lincls_cifar10.py', pretrain_dir, data_dir, **{
+      'train.batch_size': 64, 'eval.batch_size': 64, **overrides})
 
 
 def digest(directory):

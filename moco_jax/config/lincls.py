@@ -27,6 +27,11 @@ def lincls_base_config() -> ml_collections.ConfigDict:
   c.data.train_split = 'train'
   c.data.eval_split = 'validation'
   c.data.image_size = 224
+  # A balanced low-label subset: labels_per_class images of every class of
+  # train_split, drawn with labels_seed, the same on every process
+  # (data/subset.py); 0 = the whole split.
+  c.data.labels_per_class = 0
+  c.data.labels_seed = 0
   c.data.crop_scale = (0.08, 1.0)  # RandomResizedCrop's default
   c.data.normalization = ''        # '' = the pretraining's mean/std
   c.data.cache = False

@@ -77,6 +77,8 @@ RULES = {
     'moco.bn_groups': at_least(1, integer=True),
     'data.image_size': at_least(8, integer=True),
     'data.crop_scale': CROP_SCALE,
+    'data.labels_per_class': at_least(0, integer=True),
+    'data.labels_seed': ANY_INTEGER,
     'data.on_device_max_fraction': Rule(lambda v: _number(v) and 0 < v <= 1,
                                         'a number in (0, 1]'),
     'optim.base_lr': at_least(0),

@@ -36,6 +36,7 @@ from moco_jax import optim
 from moco_jax.augment import colour as augment
 from moco_jax.config.checks import ConfigError, train_section_problems
 from moco_jax.config.finetune import BN_MODES, START_POINTS
+from moco_jax.config.ranges import range_problems
 from moco_jax.data import inputs
 from moco_jax.evaluation import classifier_loop, finetune_augment, layers
 from moco_jax.models import build_backbone, is_vit
@@ -76,7 +77,7 @@ def config_problems(config, num_devices: int, num_classes: int) -> list[str]:
   for key in ('train.batch_size', 'eval.batch_size'):
     section, name = key.split('.')
     batch = config[section][name]
-    if batch <= 0 or batch % num_devices:
+    if batch > 0 and batch % num_devices:   # batch <= 0: config/ranges.py
       problems.append(f'{key}={batch} is not a positive multiple of the '
                       f'{num_devices} devices')
   if config.init not in START_POINTS:
@@ -106,7 +107,7 @@ def config_problems(config, num_devices: int, num_classes: int) -> list[str]:
   for key in ('mixup_alpha', 'cutmix_alpha', 'head_warmup_epochs'):
     if config.finetune[key] < 0:
       problems.append(f'finetune.{key}={config.finetune[key]} is negative')
-  return problems + train_section_problems(config)
+  return range_problems(config) + problems + train_section_problems(config)
 
 
 class Finetune:
@@ -302,11 +303,14 @@ def _saved_config(workdir: str):
 # What a resumed fine-tuning run must share with the run that saved it: the
 # state's shapes and the meaning of its step.
 RESUME_KEYS = ('pretrained', 'init', 'data.dataset', 'data.train_split',
-               'data.image_size', 'model.arch', 'train.batch_size', 'seed')
+               'data.labels_per_class', 'data.labels_seed', 'data.image_size', 'model.arch',
+               'train.batch_size', 'seed')
 
 
 def _lookup(config, dotted: str):
   for key in dotted.split('.'):
+    if key not in config:   # saved before the key existed: its default then
+      return {'labels_per_class': 0, 'labels_seed': 0}[key]
     config = config[key]
   return config
 
