@@ -1,7 +1,6 @@
 """The command lines: --help, --show_config, and a fuzz of malformed flags and
 paths, each of which must give one `error:` line, a non-zero exit and no
 traceback (and never a workdir)."""
-import concurrent.futures
 import glob
 import os
 import subprocess
@@ -9,6 +8,7 @@ import sys
 
 import pytest
 
+from cli_runner import run_commands
 from conftest import REPO, TINY_DATASET
 
 SMOKE = '--config=configs/smoke.py'
@@ -60,21 +60,17 @@ CASES = [
 ]
 
 
-def run(args, tmp, data):
-  args = [a.format(tmp=tmp, data=data) for a in args]
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  return subprocess.run([sys.executable, '-m', *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300)
-
-
 @pytest.fixture(scope='module')
 def results(tiny_data_dir, tmp_path_factory):
-  """Every case, run concurrently (most stop before JAX is imported)."""
+  """Every case, each as `python -m` runs it (forked from one runner that has
+  imported the package: tests/cli_runner.py)."""
   tmp = str(tmp_path_factory.mktemp('fuzz'))
   with open(os.path.join(tmp, 'broken.py'), 'w') as f:
     f.write('def get_config(:\n')
-  with concurrent.futures.ThreadPoolExecutor(max(2, os.cpu_count() or 2)) as pool:
-    done = list(pool.map(lambda case: run(case[0], tmp, tiny_data_dir), CASES))
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  done, import_stderr = run_commands(
+      [[a.format(tmp=tmp, data=tiny_data_dir) for a in args] for args, _ in CASES], env)
+  assert import_stderr.strip() == '', import_stderr[-2000:]   # nothing printed on import
   return tmp, done
 
 

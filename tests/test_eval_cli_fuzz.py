@@ -3,14 +3,14 @@ pretraining one is in test_cli_errors.py: each malformed value gives one
 `error:` line, a non-zero exit, no traceback, no workdir created and nothing
 appended to the pretraining run. Runs on real (tiny) pretraining workdirs:
 the smoke ResNet's, and a ViT (patch 8) one saved at initialisation."""
-import concurrent.futures
 import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO, TINY_DATASET, smoke_config
+from cli_runner import run_commands
+from conftest import REPO, TINY_DATASET
 
 LINCLS = ('moco_jax.lincls', '--config=configs/lincls_cifar10.py', '--workdir={tmp}/lin',
           '--config.pretrained={run}', f'--config.data.dataset={TINY_DATASET}',
@@ -92,15 +92,12 @@ def results(smoke_pretrain_dir, vit_run, tiny_data_dir, tmp_path_factory):
   runs = {'resnet': smoke_pretrain_dir, 'vit': vit_run}
   before = {name: _tree(path) for name, path in runs.items()}
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-
-  def run(case):
-    args, which, _ = case
-    args = [a.format(tmp=tmp, run=runs[which], data=tiny_data_dir) for a in args]
-    return subprocess.run([sys.executable, '-m', *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-
-  with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    done = list(pool.map(run, CASES))
+  # Each case as `python -m` runs it, forked from one runner that has imported
+  # the package (tests/cli_runner.py).
+  done, import_stderr = run_commands(
+      [[a.format(tmp=tmp, run=runs[which], data=tiny_data_dir) for a in args]
+       for args, which, _ in CASES], env)
+  assert import_stderr.strip() == '', import_stderr[-2000:]
   after = {name: _tree(path) for name, path in runs.items()}
   return tmp, done, before, after
 

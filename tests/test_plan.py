@@ -46,6 +46,17 @@ def accelerators_module():
   return accelerators
 
 
+def host_program(config, topology):
+  """The pretraining step on the host-crops path alone, compiled for
+  `topology` (make_plan also compiles the data-on-device path)."""
+  from moco_jax import plan
+  from moco_jax.runtime import accelerators
+  tpu_slice = accelerators.parse_slice(topology)
+  info, image_shape = plan.dataset_facts(config)
+  return plan.pretrain_programs(config, tpu_slice, plan.slice_mesh(tpu_slice), info,
+                                image_shape, [0.4], paths=('host',))['pretrain (host crops)']
+
+
 def tree_bytes(tree) -> int:
   return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
              for x in jax.tree.leaves(tree))
@@ -80,13 +91,11 @@ def test_the_smoke_recipe_compiles_for_a_tpu_slice_and_holds_its_state():
 
 @needs_libtpu
 def test_flops_per_step_scale_linearly_with_the_per_device_batch():
-  from moco_jax import plan
   flops = {}
   for per_device in (8, 16):
     config = smoke(**{'train.batch_size': 4 * per_device,
                       'moco.queue_size': 4 * 16 * 4})
-    result = plan.make_plan(config, SLICE, programs=('pretrain',))
-    flops[per_device] = result['programs']['pretrain (host crops)']['flops']
+    flops[per_device] = host_program(config, SLICE)['flops']
   assert flops[16] / flops[8] == pytest.approx(2.0, rel=0.05)
 
 
@@ -199,13 +208,11 @@ def test_shuffle_bn_by_statistics_moves_less_than_the_images():
   """The collectives per chip per step of the smoke recipe's step on a v5e-16:
   moving BN statistics instead of images must cut the bytes, by most of
   the image gather's size (B x 16 x 16 x 3 float32, received by every chip)."""
-  from moco_jax import plan
   moved = {}
   for mode in ('images', 'statistics'):
     config = smoke(**{'train.batch_size': 256, 'moco.queue_size': 512,
                       'moco.bn_groups': 16, 'moco.shuffle_bn_mode': mode})
-    host = plan.make_plan(config, 'v5e-16', programs=('pretrain',))[
-        'programs']['pretrain (host crops)']
+    host = host_program(config, 'v5e-16')
     moved[mode] = sum(c['bytes_per_chip'] for c in host['collectives'])
     print(mode, moved[mode], [(c['op'], c['shape']) for c in host['collectives']
                               if c['bytes'] > 4096])
