@@ -92,9 +92,9 @@ def test_labels_per_class_is_a_key_of_both_supervised_configs(smoke_pretrain_dir
   # key is refused), and set the number of training images to K per class.
   lincls = recipe_config('lincls_cifar10.py', smoke_pretrain_dir, tiny_data_dir)
   assert (lincls.data.labels_per_class, lincls.data.labels_seed) == (0, 0)
-  config = finetune_config(smoke_pretrain_dir, tiny_data_dir, **{'data.labels_per_class': 3})
+  config = finetune_config(smoke_pretrain_dir, tiny_data_dir, **{'data.labels_per_class': 4})
   run = finetune.Finetune(config, str(tmp_path / 'subset'))
-  assert run.info.num_examples == 3 * run.info.num_classes == 12
+  assert run.info.num_examples == 4 * run.info.num_classes == 16    # of 64
   run.checkpointer.close()
 
 
