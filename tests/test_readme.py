@@ -28,8 +28,9 @@ SKIPPED = [
     ('srun ', 'needs a SLURM cluster'),
     ('moco_v2_800ep_pretrain.pth.tar', "needs torch and the reference's 800-epoch checkpoint"),
     ('vit-s-300ep.pth.tar', 'needs ImageNet and the official MoCo v3 checkpoint'),
-    ('--config.pretrained_step=195', "the measured command: needs the full quickstart "
-     "run's step-195 checkpoint and CIFAR-10 (the block before it runs the same CLI)"),
+    ('--config.data.labels_per_class=50', "the measured command: needs CIFAR-10 (50 images "
+     "per class; the tiny dataset has about 16) and the full quickstart checkpoint (the "
+     "page's first block runs the same CLI)"),
     ('model = Classifier(backbone=backbone.module', 'an excerpt of '
      'examples/finetune_classifier.py, which tests/test_downstream.py runs'),
     ("optax.multi_transform(", 'an excerpt of examples/frozen_dense_head.py, which '
