@@ -133,6 +133,22 @@ def test_a_missing_libtpu_is_one_line_saying_how_to_install_it():
   assert 'libtpu' in lines[0] and 'pip install' in lines[0]
 
 
+def test_collectives_of_long_tuples_are_counted():
+  """XLA writes `/*index=5*/` into tuples of 6 or more arrays; the combined
+  gradient all-reduce is such a tuple (ResNet-50's went uncounted)."""
+  from moco_jax.runtime import compiled_costs
+  arrays = ', '.join(['f32[8,4]{1,0:T(8,128)}'] * 5 + ['/*index=5*/f32[8,4]{1,0:T(8,128)}'])
+  hlo = (f'  %all-reduce.1 = ({arrays}) all-reduce(%a, %b, %c, %d, %e, %f), '
+         'channel_id=1, replica_groups=[1,4]<=[4], use_global_device_ids=true\n'
+         '  %all-gather = f32[16,4]{1,0} all-gather(f32[4,4]{1,0} %k), '
+         'replica_groups=[1,4]<=[4], dimensions={0}\n')
+  found = compiled_costs.collectives(hlo, 4)
+  assert [c['op'] for c in found] == ['all-reduce', 'all-gather']
+  assert found[0]['bytes'] == 6 * 8 * 4 * 4                  # six f32[8,4]
+  assert found[0]['bytes_per_chip'] == 6 * 8 * 4 * 4 * 2 * 3 / 4   # ring: 2(n-1)/n
+  assert found[1]['bytes'] == 16 * 4 * 4
+
+
 def test_unknown_slices_are_refused_with_the_valid_names():
   from moco_jax.runtime import accelerators
   assert accelerators.parse_slice('v4-32').shape == (2, 2, 4)

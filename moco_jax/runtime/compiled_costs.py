@@ -17,6 +17,7 @@ _ARRAY = re.compile(r'\b(pred|[su](?:4|8|16|32|64)|bf16|f16|f32|f64|c64|c128|f8e
 _BYTES = {'pred': 1, 's4': 1, 'u4': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'bf16': 2,
           'f16': 2, 's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8, 'c64': 8,
           'c128': 16}
+_COMMENT = re.compile(r'/\*.*?\*/')
 _GROUPS_IOTA = re.compile(r'replica_groups=\[(\d+),(\d+)\]')
 _GROUPS_LIST = re.compile(r'replica_groups=\{\{([\d,]*)\}')
 
@@ -50,6 +51,10 @@ def collectives(hlo_text: str, num_devices: int) -> list[dict]:
   (n-1) × the result, collective-permute the result)}."""
   found = []
   for line in hlo_text.splitlines():
+    # XLA numbers long tuples inside the shape (`/*index=5*/` every fifth
+    # element); the '=' in those comments hid every collective of 6 or more
+    # arrays, the combined gradient all-reduce among them.
+    line = _COMMENT.sub('', line)
     match = _OP.search(line)
     if not match:
       continue
