@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moco_jax.data import npz
 from moco_jax.data import subset as subset_lib
-from moco_jax.data.info import DatasetError
+from moco_jax.data.info import DatasetError, process_part
 from moco_jax.runtime.mesh import AXIS
 
 ON_DEVICE_VALUES = (True, False, 'auto')
@@ -50,16 +50,6 @@ class DeviceSplit:
   num_examples: int
   split_examples: int
   unreadable: int = 0
-
-
-def _process_part(count: int, drop_remainder: bool) -> slice:
-  """This process's contiguous part of `count` examples (tfds's even split)."""
-  processes, index = jax.process_count(), jax.process_index()
-  if drop_remainder:
-    per = count // processes
-    return slice(index * per, (index + 1) * per)
-  bounds = np.cumsum([0] + [len(a) for a in np.array_split(np.arange(count), processes)])
-  return slice(int(bounds[index]), int(bounds[index + 1]))
 
 
 def _decode_tf(data_config, split: str, drop_remainder: bool):
@@ -91,7 +81,7 @@ def _load(data_config, split: str, drop_remainder: bool):
     subset = subset_lib.subset_of(data_config, split)   # data.labels_per_class
     if subset is not None:
       images, labels = images[subset], labels[subset]
-    part = _process_part(len(images), drop_remainder)
+    part = process_part(len(images), drop_remainder)
     return images[part], labels[part], len(images), 0
   return _decode_tf(data_config, split, drop_remainder)
 

@@ -32,7 +32,7 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
 from moco_jax.data import subset as subset_lib  # noqa: E402
-from moco_jax.data.info import DatasetError, DatasetInfo  # noqa: E402
+from moco_jax.data.info import DatasetError, DatasetInfo, process_part  # noqa: E402
 from moco_jax.runtime import paths as path_layer  # noqa: E402  (`paths` is a local name below)
 
 FOLDER_PREFIX = 'folder:'
@@ -106,7 +106,7 @@ def process_split(data_config, split: str, drop_remainder: bool,
   subset = subset_lib.subset_of(data_config, split)
   if subset is not None:   # data.labels_per_class: this process's part of it
     split_examples = len(subset)
-    part = subset[_process_part(len(subset), drop_remainder)]
+    part = subset[process_part(len(subset), drop_remainder)]
     keep = np.zeros(_tfds_split_size(builder, data_config, split), bool)
     keep[part] = True
     keep = tf.constant(keep)
@@ -136,17 +136,6 @@ def process_split(data_config, split: str, drop_remainder: bool,
   return ProcessSplit(records=records, load=load, num_examples=num_examples,
                       split_examples=split_examples,
                       record_bytes=int(num_examples * bytes_per_example))
-
-
-def _process_part(count: int, drop_remainder: bool) -> slice:
-  """This process's contiguous part of `count` examples, as
-  tfds.split_for_jax_process divides a split."""
-  processes, index = jax.process_count(), jax.process_index()
-  if drop_remainder:
-    per = count // processes
-    return slice(index * per, (index + 1) * per)
-  bounds = np.cumsum([0] + [len(a) for a in np.array_split(np.arange(count), processes)])
-  return slice(int(bounds[index]), int(bounds[index + 1]))
 
 
 def split_labels(dataset: str, data_dir: str, split: str) -> np.ndarray:
