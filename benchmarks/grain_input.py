@@ -26,7 +26,6 @@ v2 R50 step's ~33 GFLOP per image (query forward + backward, key forward:
 import io
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -100,20 +99,6 @@ def data_config(data_dir: str, loader: str, workers: int):
   return config
 
 
-def time_passes(batches, batch: int, steps: int, repeats: int) -> float:
-  """Median images/s over `repeats` passes of `steps` batches, after one
-  untimed pass (start-up: worker processes, autotune, page cache)."""
-  for _ in range(steps):
-    next(batches)
-  rates = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    for _ in range(steps):
-      next(batches)
-    rates.append(steps * batch / (time.perf_counter() - start))
-  return statistics.median(rates)
-
-
 def one_image_rates(encoded_images: list[bytes], seconds: float = 10.0) -> dict:
   """Images/s of decode + two 224 crops + resize + flip, one image at a time:
   the loaders' TensorFlow ops against PIL/NumPy (same windows)."""
@@ -177,12 +162,12 @@ def main(argv):
     batches = pipeline.pretrain_batches(data_config(dirs['tfrecord'], 'tf.data', 0),
                                         FLAGS.batch, seed=0)
     runs.setdefault('tfdata', []).append(
-        time_passes(batches, FLAGS.batch, FLAGS.steps, FLAGS.repeats))
+        report.images_per_second(batches, FLAGS.batch, FLAGS.steps, FLAGS.repeats)[0])
     for count in workers:
       batches = grain_loader.pretrain_batches(
           data_config(dirs['array_record'], 'grain', count), FLAGS.batch, seed=0)
       runs.setdefault(f'grain_{count}_workers', []).append(
-          time_passes(batches, FLAGS.batch, FLAGS.steps, FLAGS.repeats))
+          report.images_per_second(batches, FLAGS.batch, FLAGS.steps, FLAGS.repeats)[0])
       batches.close()
   for key, rates in runs.items():
     rate = statistics.median(rates)

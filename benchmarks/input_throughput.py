@@ -25,7 +25,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -74,16 +73,7 @@ def time_passes(data_config, batch: int, steps: int, repeats: int, seed=0,
   (2: pretrain_batches, 1: labelled_batches)."""
   from moco_jax.data import pipeline
   make = pipeline.pretrain_batches if views == 2 else pipeline.labelled_batches
-  batches = make(data_config, batch, seed)
-  for _ in range(steps):                     # warm-up: autotune, file cache
-    next(batches)
-  rates = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    for _ in range(steps):
-      next(batches)
-    rates.append(steps * batch / (time.perf_counter() - start))
-  return statistics.median(rates), rates
+  return report.images_per_second(make(data_config, batch, seed), batch, steps, repeats)
 
 
 def main(argv):
@@ -111,7 +101,7 @@ def main(argv):
   folder = FLAGS.folder_dir or tempfile.mkdtemp(prefix='moco_jpeg_folder_')
   write_jpeg_folder(folder, FLAGS.folder_images)
   jpeg = config.data.copy_and_resolve_references()
-  jpeg.dataset, jpeg.data_dir, jpeg.train_split = f'folder:{folder}', '', 'train'
+  jpeg.dataset, jpeg.data_dir, jpeg.train_split = f'folder:{folder}', '', '.'
   jpeg.image_size, jpeg.crop_scale, jpeg.cache = 224, (0.2, 1.0), False
   for views, prefix in ((2, 'folder_jpeg'), (1, 'folder_jpeg_one_view')):
     for fused in (True, False, True, False):    # alternate against drift

@@ -1,7 +1,10 @@
-"""The one JSON object every benchmark prints (and writes to --json)."""
+"""The one JSON object every benchmark prints (and writes to --json), and the
+one way the input benchmarks time an iterator."""
 import datetime
 import json
+import statistics
 import sys
+import time
 
 
 def emit_json(result: dict, path: str | None) -> None:
@@ -14,3 +17,18 @@ def emit_json(result: dict, path: str | None) -> None:
   if path:
     with open(path, 'w') as f:
       f.write(text + '\n')
+
+
+def images_per_second(batches, batch: int, steps: int, repeats: int):
+  """(median, rates): images/s over `repeats` passes of `steps` batches of
+  `batch` images, after one untimed pass (start-up: worker processes,
+  autotune, page cache)."""
+  for _ in range(steps):
+    next(batches)
+  rates = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(steps):
+      next(batches)
+    rates.append(steps * batch / (time.perf_counter() - start))
+  return statistics.median(rates), rates
