@@ -227,7 +227,7 @@ def eval_programs(config, tpu_slice, mesh, info, mfus, which=('knn', 'lincls')) 
   from moco_jax.config.lincls import lincls_base_config
   from moco_jax.augment.normalization import MEAN_STD
   from moco_jax.evaluation import knn, linear
-  from moco_jax.runtime.mesh import AXIS
+  from moco_jax.runtime.mesh import AXIS, sharded_jit
   experiment = _experiment(config, mesh, info)
   state = experiment.abstract_state()
   mean, std = MEAN_STD[config.data.normalization]
@@ -240,8 +240,8 @@ def eval_programs(config, tpu_slice, mesh, info, mfus, which=('knn', 'lincls')) 
     use_head = knn.knn_features(config) == 'head'
     params = state.params if use_head else state.params['backbone']
     stats = state.batch_stats if use_head else state.batch_stats.get('backbone', {})
-    step = jax.jit(jax.shard_map(features, mesh=mesh, in_specs=(P(), P(), P(AXIS)),
-                                 out_specs=P(AXIS)))
+    step = sharded_jit(features, mesh, in_specs=(P(), P(), P(AXIS)), out_specs=P(AXIS),
+                       check_vma=True)
     batch = config.eval.batch_size
     images = _sds((batch, size, size, 3), jnp.uint8, sharded)
     programs['kNN features'] = _measure(step, (params, stats, images), tpu_slice,
