@@ -58,6 +58,7 @@ def _decode_tf(data_config, split: str, drop_remainder: bool):
   from moco_jax.data import sources
   part = sources.process_split(data_config, split, drop_remainder)
 
+  @tf.autograph.experimental.do_not_convert
   def decode(record):
     example = part.load(record)
     image = tf.io.decode_image(example['image'], channels=3, expand_animations=False)

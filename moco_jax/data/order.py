@@ -76,7 +76,8 @@ class EpochOrder:
     if folder and not data_config.cache:
       self._table, self.load = _one_tensor_per_key(split.records, split.num_examples), split.load
     else:
-      loaded = split.records.map(split.load, num_parallel_calls=tf.data.AUTOTUNE)
+      loaded = split.records.map(tf.autograph.experimental.do_not_convert(split.load),
+                                   num_parallel_calls=tf.data.AUTOTUNE)
       self._table = _one_tensor_per_key(loaded.ignore_errors(), split.num_examples)
       self.unreadable = split.num_examples - int(tf.shape(self._table['label'])[0])
       if self.unreadable and 'path' in self._table:
@@ -88,8 +89,8 @@ class EpochOrder:
   def records(self, epoch: int, start: int) -> tf.data.Dataset:
     """The epoch's records from position `start` on."""
     if not self.exact:
-      return self._approximate(epoch).enumerate().skip(start).map(
-          lambda position, record: {'position': position, 'record': record})
+      return self._approximate(epoch).enumerate().skip(start).map(tf.autograph.experimental.do_not_convert(
+          lambda position, record: {'position': position, 'record': record}))
     order = epoch_permutation(self._table_size, self._seed, self._process, epoch)[start:]
     table = {key: tf.gather(value, order) for key, value in self._table.items()}
     positions = tf.range(start, start + len(order), dtype=tf.int64)

@@ -113,7 +113,8 @@ def process_split(data_config, split: str, drop_remainder: bool,
     records = tfds.load(data_config.dataset, data_dir=_data_dir(data_config),
                         split=split, decoders={'image': tfds.decode.SkipDecoding()},
                         shuffle_files=False)
-    records = records.enumerate().filter(lambda i, _: keep[i]).map(lambda _, r: r)
+    records = records.enumerate().filter(tf.autograph.experimental.do_not_convert(lambda i, _: keep[i])).map(
+        tf.autograph.experimental.do_not_convert(lambda _, r: r))
     records = records.apply(tf.data.experimental.assert_cardinality(len(part)))
   else:
     shuffle = {} if file_shuffle_seed is None else dict(
@@ -154,7 +155,8 @@ def split_labels(dataset: str, data_dir: str, split: str) -> np.ndarray:
                        f'feature): data.labels_per_class needs a labelled dataset')
   records = tfds.load(dataset, data_dir=data_dir or None, split=split,
                       decoders={'image': tfds.decode.SkipDecoding()})
-  labels = records.map(lambda r: r['label'], num_parallel_calls=tf.data.AUTOTUNE)
+  labels = records.map(tf.autograph.experimental.do_not_convert(lambda r: r['label']),
+                       num_parallel_calls=tf.data.AUTOTUNE)
   return np.fromiter(labels.as_numpy_iterator(), np.int64)
 
 
