@@ -1,105 +1,341 @@
-"""Runs many `python -m moco_jax.<command> ...` command lines for the tests at
-the cost of one interpreter start.
+"""Runs the tests' `python ...` command lines at the cost of a fork, not of an
+interpreter start.
 
-Each command line as its own process costs an interpreter plus the imports of
-TensorFlow, JAX and the package (seconds on 2 cores), which dominated the
-command-line fuzz tests. Here one runner process imports them once and then
-forks a child per command line: the child runs the module as `python -m`
-would (runpy, `__name__ == '__main__'`, sys.argv[0] the module's file, the
-repository first on sys.path) with stdout and stderr going to their own
-files, and exits with the module's exit status. A child starts from the same
-state as a fresh `python -m` after its imports: nothing else ran in the
-runner (no JAX backend, no absl flags defined).
+A command-line test process pays an interpreter plus the imports of
+TensorFlow, JAX and the package before it does anything: about 7 s of CPU
+on this project's 2-core machines, for each of the suite's ~90 command
+lines. Here one server process per test worker imports them once; each
+command line is a forked child of it that runs as `python` would have run
+it, with the caller's stdin, stdout and stderr (passed over a Unix socket),
+environment, working directory and arguments, and `__name__ ==
+'__main__'`. Nothing else runs in the server before the fork: no JAX
+backend, no absl flags, no TensorFlow op, so the child starts from the state
+of a fresh `python` after its imports.
 
-What a fork cannot show is output printed while those modules import; the
-runner returns its own import-time stderr so a test can require it empty.
+The caller starts `python()` + [args] as an ordinary process (a small
+client). The client forwards the signals a test sends it (SIGINT, SIGTERM,
+...) to the forked child and exits as the child did, with its status or by
+the same signal, so `subprocess.Popen` semantics hold. Two things a fork
+cannot give are left to a real process:
+- SIGKILL of the client cannot be forwarded; the server then kills the child
+  itself, a moment later. A test that kill -9s a run uses `sys.executable`.
+- Environment variables that the preloaded modules read while importing
+  (JAX_*, TF_*, TFDS_*, PYTHON*, ...) must equal the server's; a command
+  line with others, or with interpreter options, runs as a real process
+  (the client execs the interpreter).
+
+MOCO_JAX_TEST_CLI_SERVER=0 turns the server off (every command line a real
+process), to compare.
 """
+import atexit
 import json
 import os
+import socket
+import struct
 import subprocess
 import sys
+import tempfile
 from types import SimpleNamespace
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNNER = os.path.abspath(__file__)
+# Read by the preloaded modules while they import: a command line must agree
+# with the server on these, or it runs as a real process.
+IMPORT_TIME_ENV = ('JAX_', 'TF_', 'TFDS_', 'PYTHON', 'LD_', 'XLA_PYTHON_', 'CUDA',
+                   'TPU_', 'GRAIN', 'OMP_', 'MKL_', 'OPENBLAS', 'ABSL')
+PRELOADED = ('absl.app', 'ml_collections.config_flags', 'jax', 'flax.linen', 'optax',
+             'orbax.checkpoint', 'tensorflow', 'tensorflow_datasets', 'grain',
+             'moco_jax.train', 'moco_jax.evaluation.linear',
+             'moco_jax.evaluation.finetune', 'moco_jax.evaluation.fewshot',
+             'moco_jax.weights.export')
+FORWARDED_SIGNALS = ('SIGINT', 'SIGTERM', 'SIGHUP', 'SIGQUIT', 'SIGUSR1', 'SIGUSR2')
+
+_server = None
+
+
+def python() -> list:
+  """The argv prefix that runs Python for a test: [interpreter, this file,
+  --server=SOCKET] while this process's server runs (started on first use),
+  else [interpreter]. Use it as `[*python(), '-m', 'moco_jax.main', ...]`."""
+  global _server
+  if os.environ.get('MOCO_JAX_TEST_CLI_SERVER', '1') == '0':
+    return [sys.executable]
+  if _server is None:
+    _server = _start_server()
+  return [sys.executable, RUNNER, f'--server={_server.socket_path}']
+
+
+def with_python_on_path(env: dict) -> dict:
+  """`env` with a `python` first on PATH that is python() (for bash scripts)."""
+  prefix = python()
+  if len(prefix) == 1:
+    return dict(env)
+  shim_dir = os.path.join(_server.directory, 'bin')
+  if not os.path.exists(shim_dir):
+    os.makedirs(shim_dir)
+    shim = os.path.join(shim_dir, 'python')
+    with open(shim, 'w') as f:
+      f.write('#!/bin/sh\nexec ' + ' '.join(f"'{p}'" for p in prefix) + ' "$@"\n')
+    os.chmod(shim, 0o755)
+  return dict(env, PATH=shim_dir + os.pathsep + env.get('PATH', ''))
+
+
+def import_stderr() -> str:
+  """What the server printed on stderr while importing the preloaded modules
+  (a CLI must print nothing while importing)."""
+  python()
+  if _server is None:
+    return ''
+  with open(_server.import_stderr) as f:
+    return f.read()
 
 
 def run_commands(commands, env=None, timeout=900):
-  """Runs each command line (a list: module name, then its arguments) in a
-  forked child of one runner process, one after another.
+  """Runs each command line (a list: module name, then its arguments) as
+  `python -m` would, one after another.
 
   Returns:
     (results, import_stderr): one SimpleNamespace(returncode, stdout, stderr)
-    per command line, and what the runner printed on stderr while importing.
+    per command line, and what the preloaded imports printed on stderr.
   """
   env = dict(os.environ if env is None else env)
-  runner = subprocess.run([sys.executable, __file__], input=json.dumps(commands), cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=timeout)
-  if runner.returncode != 0:
-    raise RuntimeError(f'the command-line runner failed: {runner.stderr[-3000:]}')
-  report = json.loads(runner.stdout)
-  return [SimpleNamespace(**r) for r in report['results']], report['import_stderr']
+  results = []
+  for argv in commands:
+    done = subprocess.run([*python(), '-m', *argv], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    results.append(SimpleNamespace(returncode=done.returncode, stdout=done.stdout,
+                                   stderr=done.stderr))
+  return results, import_stderr()
 
 
-def _child(argv) -> int:
-  """In the forked child: the module as `python -m` runs it; its exit status."""
+# --- the server's side, in the process python() starts ----------------------
+
+def _start_server():
+  directory = tempfile.mkdtemp(prefix='moco_jax_cli_')
+  socket_path = os.path.join(directory, 'socket')
+  stderr_path = os.path.join(directory, 'import_stderr')
+  with open(stderr_path, 'w') as stderr:
+    process = subprocess.Popen([sys.executable, RUNNER, '--serve', socket_path],
+                               cwd=REPO, env=dict(os.environ), stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=stderr, text=True)
+  if process.stdout.readline().strip() != 'ready':
+    process.wait()
+    with open(stderr_path) as f:
+      raise RuntimeError(f'the command-line server did not start: {f.read()[-3000:]}')
+
+  def stop():
+    process.terminate()
+    process.wait()
+  atexit.register(stop)
+  return SimpleNamespace(process=process, socket_path=socket_path, directory=directory,
+                         import_stderr=stderr_path)
+
+
+def _receive_request(connection):
+  """(argv, env, cwd, [stdin, stdout, stderr fds]) sent by _client."""
+  head, fds, _, _ = socket.recv_fds(connection, 8, 3)
+  while len(head) < 8:
+    head += connection.recv(8 - len(head))
+  size, = struct.unpack('>Q', head)
+  payload = b''
+  while len(payload) < size:
+    chunk = connection.recv(size - len(payload))
+    if not chunk:
+      raise ConnectionError('the client went away mid-request')
+    payload += chunk
+  request = json.loads(payload)
+  return request['argv'], request['env'], request['cwd'], fds
+
+
+def _runnable(argv, env) -> str | None:
+  """Why this command line must run as a real process, or None."""
+  if not argv or (argv[0].startswith('-') and argv[0] not in ('-m', '-c')):
+    return f'interpreter options {argv[:1]}'
+  if argv[0] in ('-m', '-c') and len(argv) < 2:
+    return 'nothing to run'
+  for key in set(env) | set(os.environ):
+    if key.startswith(IMPORT_TIME_ENV) and env.get(key) != os.environ.get(key):
+      return f'{key} differs from the server'
+  return None
+
+
+def _run_as_main(argv) -> int:
+  """In the forked child: what `python ARGV` runs; its exit status."""
   import runpy
+  import signal
   import traceback
-  sys.argv = [argv[0]] + list(argv[1:])
+  import types
   try:
-    runpy.run_module(argv[0], run_name='__main__', alter_sys=True)
+    if argv[0] == '-m':
+      sys.argv = [argv[1]] + argv[2:]
+      sys.path[0] = os.getcwd()
+      runpy.run_module(argv[1], run_name='__main__', alter_sys=True)
+    elif argv[0] == '-c':
+      sys.argv = ['-c'] + argv[2:]
+      sys.path[0] = ''
+      main = types.ModuleType('__main__')
+      sys.modules['__main__'] = main
+      exec(compile(argv[1], '<string>', 'exec'), main.__dict__)  # pylint: disable=exec-used
+    else:
+      sys.argv = list(argv)
+      sys.path[0] = os.path.dirname(os.path.realpath(argv[0]))
+      runpy.run_path(argv[0], run_name='__main__')
     return 0
   except SystemExit as done:
     if done.code is None or isinstance(done.code, int):
       return done.code or 0
-    print(done.code, file=sys.stderr)   # sys.exit('message'): as the interpreter does
+    print(done.code, file=sys.stderr)   # sys.exit('message'), as the interpreter does
     return 1
+  except KeyboardInterrupt:
+    traceback.print_exc()               # then die by SIGINT, as the interpreter does
+    sys.stderr.flush()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
+    return 130
   except BaseException:  # pylint: disable=broad-except  # as an uncaught exception would
     traceback.print_exc()
     return 1
 
 
-def _serve(commands) -> dict:
-  import tempfile
-  sys.path.insert(0, REPO)              # `python -m` from the repository root
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')   # what the commands set first
-  import_stderr = tempfile.TemporaryFile()
-  saved_stderr = os.dup(2)
-  os.dup2(import_stderr.fileno(), 2)
+def _child(argv, env, cwd, fds) -> None:
+  """In the forked child: become the command line's process; never returns."""
+  import random
+  import threading
+  import numpy as np
+  for target, fd in enumerate(fds):
+    os.dup2(fd, target)
+    os.close(fd)
+  os.environ.clear()
+  os.environ.update(env)
+  os.chdir(cwd)
+  random.seed()
+  np.random.seed()
+  code = _run_as_main(argv)
   try:
-    import absl.app  # noqa: F401
-    import ml_collections.config_flags  # noqa: F401
-    import jax  # noqa: F401
-    import tensorflow  # noqa: F401
-    import tensorflow_datasets  # noqa: F401
-    import moco_jax.train  # noqa: F401
-    import moco_jax.evaluation.linear  # noqa: F401
-  finally:
-    sys.stderr.flush()
-    os.dup2(saved_stderr, 2)
-  import_stderr.seek(0)
-  results = []
-  for argv in commands:
-    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    threading._shutdown()  # pylint: disable=protected-access  # as interpreter exit does
+    atexit._run_exitfuncs()  # pylint: disable=protected-access
     sys.stdout.flush()
-    pid = os.fork()
-    if pid == 0:
-      os.dup2(out.fileno(), 1)
-      os.dup2(err.fileno(), 2)
-      code = _child(argv)
-      import atexit
-      atexit._run_exitfuncs()   # as the interpreter does on exit  # pylint: disable=protected-access
-      sys.stdout.flush()
-      sys.stderr.flush()
-      os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    out.seek(0)
-    err.seek(0)
-    results.append({'returncode': os.waitstatus_to_exitcode(status),
-                    'stdout': out.read().decode(errors='replace'),
-                    'stderr': err.read().decode(errors='replace')})
-  return {'results': results, 'import_stderr': import_stderr.read().decode(errors='replace')}
+    sys.stderr.flush()
+  finally:
+    os._exit(code)
+
+
+def _serve(socket_path) -> None:
+  import importlib
+  import selectors
+  import signal
+  sys.path[0] = REPO        # was tests/, this file's folder
+  for module in PRELOADED:
+    importlib.import_module(module)
+  sys.stderr.flush()
+  parent = os.getppid()
+  listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+  listener.bind(socket_path)
+  listener.listen(64)
+  selector = selectors.DefaultSelector()
+  selector.register(listener, selectors.EVENT_READ)
+  children = {}   # pid -> the client's connection
+  print('ready', flush=True)
+  while os.getppid() == parent:
+    for key, _ in selector.select(timeout=0.02):
+      if key.fileobj is listener:
+        connection, _ = listener.accept()
+        try:
+          argv, env, cwd, fds = _receive_request(connection)
+        except (OSError, ValueError, ConnectionError):
+          connection.close()
+          continue
+        why_not = _runnable(argv, env)
+        if why_not:
+          for fd in fds:
+            os.close(fd)
+          connection.sendall(f'real {why_not}\n'.encode())
+          connection.close()
+          continue
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+          selector.close()
+          listener.close()
+          for other in children.values():
+            other.close()
+          connection.close()
+          _child(argv, env, cwd, fds)
+        for fd in fds:
+          os.close(fd)
+        connection.sendall(f'pid {pid}\n'.encode())
+        children[pid] = connection
+        selector.register(connection, selectors.EVENT_READ, pid)
+      else:   # the client closed its end: it was killed (SIGKILL); so is its run
+        if not key.fileobj.recv(1):
+          selector.unregister(key.fileobj)
+          try:
+            os.kill(key.data, signal.SIGKILL)
+          except ProcessLookupError:
+            pass
+    while children:
+      pid, status = os.waitpid(-1, os.WNOHANG)
+      if pid == 0:
+        break
+      connection = children.pop(pid, None)
+      if connection is not None:
+        try:
+          connection.sendall(f'exit {status}\n'.encode())
+        except OSError:
+          pass
+        try:
+          selector.unregister(connection)
+        except (KeyError, ValueError):
+          pass
+        connection.close()
+  for pid in children:   # the test worker went away: so do its runs
+    os.kill(pid, signal.SIGKILL)
+
+
+# --- the client's side: the process a test starts -----------------------------
+
+def _client(socket_path, argv) -> None:
+  """Hands argv, the environment, the working directory and fds 0-2 to the
+  server, forwards signals to the forked child, exits as it did."""
+  import signal
+  try:
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    connection.connect(socket_path)
+  except OSError:
+    os.execv(sys.executable, [sys.executable, *argv])
+  payload = json.dumps({'argv': argv, 'env': dict(os.environ), 'cwd': os.getcwd()}).encode()
+  socket.send_fds(connection, [struct.pack('>Q', len(payload))], [0, 1, 2])
+  connection.sendall(payload)
+  child, pending = None, []
+
+  def forward(signum, _):
+    if child is None:
+      pending.append(signum)
+    else:
+      os.kill(child, signum)
+  for name in FORWARDED_SIGNALS:
+    signal.signal(getattr(signal, name), forward)
+  reply = connection.makefile('r')
+  first = reply.readline().split(' ', 1)
+  if first[0] != 'pid':
+    connection.close()
+    os.execv(sys.executable, [sys.executable, *argv])   # 'real': run it as a real process
+  child = int(first[1])
+  for signum in pending:
+    os.kill(child, signum)
+  last = reply.readline().split()
+  if not last or last[0] != 'exit':
+    os._exit(1)
+  status = int(last[1])
+  if os.WIFSIGNALED(status):
+    signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+    os.kill(os.getpid(), os.WTERMSIG(status))
+  os._exit(os.waitstatus_to_exitcode(status))
 
 
 if __name__ == '__main__':
-  report = _serve(json.load(sys.stdin))
-  sys.stdout.write(json.dumps(report))
+  if sys.argv[1] == '--serve':
+    _serve(sys.argv[2])
+  else:
+    _client(sys.argv[1].split('=', 1)[1], sys.argv[2:])

@@ -4,11 +4,10 @@ traceback (and never a workdir)."""
 import glob
 import os
 import subprocess
-import sys
 
 import pytest
 
-from cli_runner import run_commands
+from cli_runner import python, run_commands
 from conftest import REPO, TINY_DATASET
 
 SMOKE = '--config=configs/smoke.py'
@@ -62,7 +61,7 @@ CASES = [
 
 @pytest.fixture(scope='module')
 def results(tiny_data_dir, tmp_path_factory):
-  """Every case, each as `python -m` runs it (forked from one runner that has
+  """Every case, each as `python -m` runs it (forked from a server that has
   imported the package: tests/cli_runner.py)."""
   tmp = str(tmp_path_factory.mktemp('fuzz'))
   with open(os.path.join(tmp, 'broken.py'), 'w') as f:
@@ -90,7 +89,7 @@ def test_malformed_command_line_is_one_error_line(results, index):
 
 
 def test_help_exits_0_and_lists_the_recipes_with_their_descriptions():
-  result = subprocess.run([sys.executable, '-m', 'moco_jax.main', '--help'], cwd=REPO,
+  result = subprocess.run([*python(), '-m', 'moco_jax.main', '--help'], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
   assert result.returncode == 0, result.stderr
   for path in glob.glob(os.path.join(REPO, 'configs', '*.py')):
@@ -106,7 +105,7 @@ def test_help_exits_0_and_lists_the_recipes_with_their_descriptions():
 
 @pytest.mark.parametrize('module', ['knn', 'plots', 'export', 'lincls'])
 def test_evaluation_help_exits_0_without_a_config_dump(module):
-  result = subprocess.run([sys.executable, '-m', f'moco_jax.{module}', '--help'],
+  result = subprocess.run([*python(), '-m', f'moco_jax.{module}', '--help'],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
   assert result.returncode == 0, result.stderr
   assert '--workdir' in result.stdout
@@ -116,7 +115,7 @@ def test_evaluation_help_exits_0_without_a_config_dump(module):
 
 def test_show_config_prints_the_resolved_config():
   result = subprocess.run(
-      [sys.executable, '-m', 'moco_jax.main', SMOKE, '--show_config',
+      [*python(), '-m', 'moco_jax.main', SMOKE, '--show_config',
        '--config.moco.queue_size=128', '--config.train.batch_size=32'],
       cwd=REPO, capture_output=True, text=True, timeout=60)
   assert result.returncode == 0, result.stderr

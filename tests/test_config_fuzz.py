@@ -6,10 +6,10 @@ import glob
 import importlib.util
 import os
 import subprocess
-import sys
 
 import pytest
 
+from cli_runner import python
 from conftest import REPO
 from moco_jax.config import checks, ranges
 from moco_jax.evaluation import linear
@@ -122,7 +122,7 @@ def test_crop_scale_from_the_command_line_is_a_one_tuple_and_refused(tmp_path):
   flagfile, with --config in the flagfile too."""
   flagfile = tmp_path / 'run.flags'
   flagfile.write_text('--config=configs/smoke.py\n--config.data.crop_scale=0.5\n')
-  result = subprocess.run([sys.executable, '-m', 'moco_jax.main', f'--flagfile={flagfile}',
+  result = subprocess.run([*python(), '-m', 'moco_jax.main', f'--flagfile={flagfile}',
                            f'--workdir={tmp_path / "run"}'], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
   lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -143,7 +143,7 @@ def test_crop_scale_from_the_command_line_is_a_one_tuple_and_refused(tmp_path):
 def test_flagfile_fuzz(tmp_path, flagfile_text, expected):
   flagfile = tmp_path / 'run.flags'
   flagfile.write_text(flagfile_text.format(tmp=tmp_path))
-  result = subprocess.run([sys.executable, '-m', 'moco_jax.main', f'--flagfile={flagfile}',
+  result = subprocess.run([*python(), '-m', 'moco_jax.main', f'--flagfile={flagfile}',
                            f'--workdir={tmp_path / "run"}'], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
   lines = [line for line in result.stderr.splitlines() if line.strip()]

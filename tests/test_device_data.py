@@ -4,7 +4,6 @@ order against the host pipeline, 1 device = 8 devices, exact resume, and the
 npz format read without TensorFlow."""
 import os
 import subprocess
-import sys
 import textwrap
 
 import jax
@@ -13,6 +12,7 @@ import pytest
 from jax.sharding import Mesh
 from PIL import Image
 
+from cli_runner import python
 from conftest import REPO, smoke_config
 from test_crops import TOLERANCES, assert_same_distribution, statistics, tf_windows
 from moco_jax import train
@@ -294,7 +294,7 @@ def test_npz_trains_and_evaluates_without_tensorflow(tiny_data_dir, tiny_npz, tm
       print('ok', metrics['knn_top1'])
       ''')
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  result = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env, text=True,
+  result = subprocess.run([*python(), '-c', script], cwd=REPO, env=env, text=True,
                           capture_output=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'ok' in result.stdout

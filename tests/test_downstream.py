@@ -7,7 +7,6 @@ bridge against linen, and the three example programs run as a user would.
 import json
 import os
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 
 import moco_jax
+from cli_runner import python
 from moco_jax.models import build_encoder, resnet
 from moco_jax.models.vit import ViT, vit
 from moco_jax.weights import backbone as backbone_lib
@@ -185,7 +185,7 @@ def test_load_backbone_from_workdir_equals_the_export(smoke_pretrain_dir):
 
 def run_example(name, *args):
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
-  result = subprocess.run([sys.executable, os.path.join(REPO, 'examples', name), *args],
+  result = subprocess.run([*python(), os.path.join(REPO, 'examples', name), *args],
                           capture_output=True, text=True, env=env, timeout=600)
   assert result.returncode == 0, result.stderr[-2000:]
   return json.loads(result.stdout.strip().splitlines()[-1])

@@ -5,11 +5,10 @@ appended to the pretraining run. Runs on real (tiny) pretraining workdirs:
 the smoke ResNet's, and a ViT (patch 8) one saved at initialisation."""
 import os
 import subprocess
-import sys
 
 import pytest
 
-from cli_runner import run_commands
+from cli_runner import python, run_commands
 from conftest import REPO, TINY_DATASET
 
 LINCLS = ('moco_jax.lincls', '--config=configs/lincls_cifar10.py', '--workdir={tmp}/lin',
@@ -92,7 +91,7 @@ def results(smoke_pretrain_dir, vit_run, tiny_data_dir, tmp_path_factory):
   runs = {'resnet': smoke_pretrain_dir, 'vit': vit_run}
   before = {name: _tree(path) for name, path in runs.items()}
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  # Each case as `python -m` runs it, forked from one runner that has imported
+  # Each case as `python -m` runs it, forked from a server that has imported
   # the package (tests/cli_runner.py).
   done, import_stderr = run_commands(
       [[a.format(tmp=tmp, run=runs[which], data=tiny_data_dir) for a in args]
@@ -121,7 +120,7 @@ def test_config_inside_a_flagfile_is_read(tmp_path):
   """--config given only in a --flagfile: --show_config prints it resolved."""
   flagfile = tmp_path / 'run.flags'
   flagfile.write_text('--config=configs/smoke.py\n--config.moco.queue_size=128\n')
-  result = subprocess.run([sys.executable, '-m', 'moco_jax.main', f'--flagfile={flagfile}',
+  result = subprocess.run([*python(), '-m', 'moco_jax.main', f'--flagfile={flagfile}',
                            '--show_config'], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]

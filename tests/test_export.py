@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 
+from cli_runner import python
 from conftest import REPO, copy_of, smoke_config
 from moco_jax.runtime import checkpointing
 from moco_jax.weights import convert
@@ -219,7 +220,7 @@ def test_export_cli(pretrained, tmp_path):
   _, workdir, want = pretrained
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one device
   run = lambda *flags: subprocess.run(
-      [sys.executable, '-m', 'moco_jax.export', f'--workdir={workdir}', *flags],
+      [*python(), '-m', 'moco_jax.export', f'--workdir={workdir}', *flags],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
   output = str(tmp_path / 'head.pkl')

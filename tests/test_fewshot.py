@@ -9,7 +9,6 @@ path; the subset for balance, seeding and device-count independence.
 import json
 import os
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +16,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from cli_runner import python
 from conftest import REPO, TINY_DATASET, smoke_config
 from moco_jax.augment.normalization import MEAN_STD
 from moco_jax.data import inputs, subset
@@ -167,7 +167,7 @@ def build_unlabelled_dataset(data_dir):
 
 def run_cli(*args):
   env = dict(os.environ, PYTHONPATH=REPO)
-  result = subprocess.run([sys.executable, '-m', 'moco_jax.fewshot', *args],
+  result = subprocess.run([*python(), '-m', 'moco_jax.fewshot', *args],
                           capture_output=True, text=True, env=env, timeout=600)
   return result.returncode, result.stdout, result.stderr.strip().splitlines()
 

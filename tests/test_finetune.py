@@ -4,13 +4,13 @@ re-derivations."""
 import importlib.util
 import os
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cli_runner import python
 from conftest import REPO, TINY_DATASET, recipe_config, straight_and_resumed_runs
 from moco_jax.config.checks import ConfigError
 from moco_jax.evaluation import finetune, finetune_augment, layers
@@ -139,7 +139,7 @@ def test_a_dataset_without_labels_is_one_line(smoke_pretrain_dir, tmp_path):
 def test_cli_fails_with_one_line_and_exit_2(tiny_data_dir, tmp_path):
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   result = subprocess.run(
-      [sys.executable, '-m', 'moco_jax.finetune', '--config=configs/finetune_cifar10_cpu.py',
+      [*python(), '-m', 'moco_jax.finetune', '--config=configs/finetune_cifar10_cpu.py',
        f'--workdir={tmp_path / "out"}', f'--config.pretrained={tmp_path / "nowhere"}',
        f'--config.data.dataset={TINY_DATASET}', f'--config.data.data_dir={tiny_data_dir}'],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import pytest
 
+from cli_runner import python
 from conftest import REPO
 from test_train import cli_command, restored_state, run_cli
 from conftest import smoke_config
@@ -117,7 +118,7 @@ def test_pretraining_into_gs_sigterm_and_resume_equal_a_local_run(
 def test_knn_cli_reads_and_logs_into_a_gs_workdir(gs_run):
   from moco_jax.runtime.metric_writer import read_metrics
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  result = subprocess.run([sys.executable, '-m', 'moco_jax.knn', f'--workdir={RUN}',
+  result = subprocess.run([*python(), '-m', 'moco_jax.knn', f'--workdir={RUN}',
                            '--step=4', '--config.eval.batch_size=24', '--config.eval.knn_k=10'],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -129,7 +130,7 @@ def test_knn_cli_reads_and_logs_into_a_gs_workdir(gs_run):
 
 def run_export(workdir, *args):
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  return subprocess.run([sys.executable, '-m', 'moco_jax.export', f'--workdir={workdir}',
+  return subprocess.run([*python(), '-m', 'moco_jax.export', f'--workdir={workdir}',
                          '--format=flax', f'--step={STEPS}', *args],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 

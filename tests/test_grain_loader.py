@@ -6,13 +6,13 @@ import io
 import os
 import signal
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 
+from cli_runner import python
 from conftest import REPO, smoke_config
 from test_shuffle import CLASSES, assert_classes_mixed
 from moco_jax.data import grain_loader, inputs, pipeline
@@ -208,7 +208,7 @@ def test_grain_on_a_tfrecord_only_preparation_is_a_one_line_error(twins, tmp_pat
   # The command line: exit 1 with that line, before any compile, nothing saved.
   workdir = tmp_path / 'run'
   result = subprocess.run(
-      [sys.executable, '-m', 'moco_jax.main', '--config=configs/smoke.py',
+      [*python(), '-m', 'moco_jax.main', '--config=configs/smoke.py',
        f'--workdir={workdir}', f'--config.data.dataset={TWIN}',
        f'--config.data.data_dir={twins["tfrecord"]}', '--config.data.loader=grain'],
       cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -227,7 +227,7 @@ def test_two_processes_read_each_epoch_exactly_once(tmp_path):
           for fmt in ('tfrecord', 'array_record')}
   address, out = f'127.0.0.1:{free_port()}', tmp_path / 'out'
   out.mkdir()
-  worker = [sys.executable, os.path.join('tests', 'grain_multihost_worker.py'),
+  worker = [*python(), os.path.join('tests', 'grain_multihost_worker.py'),
             f'--coordinator_address={address}', '--num_processes=2',
             f'--grain_dir={dirs["array_record"]}', f'--tfdata_dir={dirs["tfrecord"]}',
             '--batch=8', '--epochs=2', f'--out={out}']
@@ -245,7 +245,7 @@ STEPS = 12
 
 
 def cli(workdir, data_dir, loader, *extra):
-  command = [sys.executable, '-m', 'moco_jax.main', '--config=configs/smoke.py',
+  command = [*python(), '-m', 'moco_jax.main', '--config=configs/smoke.py',
              f'--workdir={workdir}', f'--config.data.dataset={TWIN}',
              f'--config.data.data_dir={data_dir}', f'--config.data.loader={loader}',
              '--config.data.worker_count=1', f'--config.train.num_steps={STEPS}',

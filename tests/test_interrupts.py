@@ -8,9 +8,9 @@ step's number as it starts, which tells the test which step is running.
 import os
 import signal
 import subprocess
-import sys
 import time
 
+from cli_runner import python
 from conftest import REPO, TINY_DATASET
 from moco_jax.runtime import checkpointing
 from moco_jax.runtime.preemption import StopRequests
@@ -21,7 +21,7 @@ def start_slow_run(workdir, data_dir, seconds_per_step, log):
   nothing but the loop's own waiting keeps the host in step with the device."""
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   env.update(SLOW_STEP_SECONDS=str(seconds_per_step), SLOW_STEP_LOG=str(log))
-  command = [sys.executable, os.path.join('tests', 'slow_step_cli.py'),
+  command = [*python(), os.path.join('tests', 'slow_step_cli.py'),
              '--config=configs/smoke.py', f'--workdir={workdir}',
              f'--config.data.dataset={TINY_DATASET}', f'--config.data.data_dir={data_dir}',
              '--config.train.num_steps=1000', '--config.train.log_every=500',
@@ -131,7 +131,7 @@ for round_ in range(rounds):
 def test_one_ctrl_c_during_python_work_is_one_stop_request_20_times():
   rounds = 20
   env = dict(os.environ, PYTHONPATH=REPO)
-  process = subprocess.Popen([sys.executable, '-c', _BUSY_ROUNDS, str(rounds), '0'],
+  process = subprocess.Popen([*python(), '-c', _BUSY_ROUNDS, str(rounds), '0'],
                              env=env, text=True, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE)
   saved = 0
@@ -155,7 +155,7 @@ def test_one_ctrl_c_during_python_work_is_one_stop_request_20_times():
 
 def test_two_ctrl_c_during_python_work_still_exit_130_at_once():
   env = dict(os.environ, PYTHONPATH=REPO)
-  process = subprocess.Popen([sys.executable, '-c', _BUSY_ROUNDS, '1', '60'],
+  process = subprocess.Popen([*python(), '-c', _BUSY_ROUNDS, '1', '60'],
                              env=env, text=True, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE)
   assert process.stdout.readline().strip() == 'ready'

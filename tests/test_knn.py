@@ -2,12 +2,12 @@
 import json
 import os
 import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
+from cli_runner import python
 from conftest import REPO, copy_of, smoke_config
 from moco_jax.evaluation import knn
 from moco_jax.config.checks import ConfigError
@@ -150,7 +150,7 @@ def test_head_features_are_the_normalised_query_encoder_output(tiny_data_dir):
 
 def run_knn_cli(*args):
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one device
-  return subprocess.run([sys.executable, '-m', 'moco_jax.knn', *args], cwd=REPO,
+  return subprocess.run([*python(), '-m', 'moco_jax.knn', *args], cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=300)
 
 

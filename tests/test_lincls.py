@@ -2,12 +2,12 @@
 import hashlib
 import os
 import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
+from cli_runner import python
 from conftest import REPO, TINY_DATASET, build_tiny_dataset, recipe_config
 from moco_jax.evaluation import linear
 from moco_jax.weights import pretrained
@@ -69,7 +69,7 @@ def test_backbone_check_notices_a_one_ulp_change(smoke_pretrain_dir):
 
 def run_module(module, *args):
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one device
-  return subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=env,
+  return subprocess.run([*python(), '-m', module, *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300)
 
 

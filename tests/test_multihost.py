@@ -8,12 +8,12 @@ import os
 import re
 import socket
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
+from cli_runner import python
 from conftest import REPO, TINY_DATASET, smoke_config
 from moco_jax.runtime import checkpointing
 from moco_jax.runtime import distributed
@@ -107,7 +107,7 @@ def load_worker_outputs(out_dir, process):
 def test_two_processes_train_like_one_process_with_eight_devices(tiny_data_dir, tmp_path):
   """Same global batch, smoke model, shuffle BN across all 8 devices: the
   2×4 run's losses and final state equal the 1×8 run's."""
-  worker = [sys.executable, os.path.join('tests', 'multihost_worker.py'),
+  worker = [*python(), os.path.join('tests', 'multihost_worker.py'),
             f'--data_dir={tiny_data_dir}', f'--steps={STEPS}']
   address = f'127.0.0.1:{free_port()}'
   reference_dir, multi_dir = tmp_path / 'one_process', tmp_path / 'two_processes'
@@ -147,7 +147,7 @@ def test_two_processes_train_like_one_process_with_eight_devices(tiny_data_dir, 
 
 
 def cli_argv(workdir, data_dir, address, process):
-  return [sys.executable, '-m', 'moco_jax.main', '--config=configs/smoke.py',
+  return [*python(), '-m', 'moco_jax.main', '--config=configs/smoke.py',
           f'--workdir={workdir}', f'--config.data.dataset={TINY_DATASET}',
           f'--config.data.data_dir={data_dir}', f'--coordinator_address={address}',
           '--num_processes=2', f'--process_id={process}']
@@ -230,7 +230,7 @@ def test_initialize_passes_the_values_and_explains_failures(monkeypatch):
 
 def test_cli_bad_distributed_flags_exit_2_with_one_line(tmp_path):
   result = subprocess.run(
-      [sys.executable, '-m', 'moco_jax.main', '--config=configs/smoke.py',
+      [*python(), '-m', 'moco_jax.main', '--config=configs/smoke.py',
        f'--workdir={tmp_path}', '--coordinator_address=127.0.0.1:1234',
        '--num_processes=2', '--process_id=5'],
       cwd=REPO, env=child_env(1), capture_output=True, text=True, timeout=120)
@@ -252,7 +252,7 @@ def test_unreachable_coordinator_exits_within_the_timeout_with_one_line(
   JAX's C++ abort (exit 134, two stack traces) after 5 minutes."""
   workdir = tmp_path / 'run'
   env = child_env(1)
-  command = [sys.executable, '-m', 'moco_jax.main', '--config=configs/smoke.py',
+  command = [*python(), '-m', 'moco_jax.main', '--config=configs/smoke.py',
              f'--workdir={workdir}', f'--coordinator_address=127.0.0.1:{free_port()}',
              '--num_processes=2', f'--process_id={process_id}',
              '--coordinator_timeout=4']

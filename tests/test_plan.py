@@ -10,12 +10,12 @@ import importlib.util
 import json
 import os
 import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
+from cli_runner import python
 from conftest import REPO, smoke_config
 
 HAVE_LIBTPU = importlib.util.find_spec('libtpu') is not None
@@ -36,7 +36,7 @@ def run_plan(*flags, hide_libtpu=False, env=None):
           "runpy.run_module('moco_jax.plan', run_name='__main__')")
   if not hide_libtpu:
     code = 'import sys; ' + code
-  return subprocess.run([sys.executable, '-c', code, *flags], cwd=REPO,
+  return subprocess.run([*python(), '-c', code, *flags], cwd=REPO,
                         capture_output=True, text=True, timeout=2400,
                         env=dict(os.environ, **(env or {})))
 

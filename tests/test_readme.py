@@ -10,10 +10,10 @@ import glob
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 
+from cli_runner import python, with_python_on_path
 from conftest import REPO, TINY_DATASET
 
 README = os.path.join(REPO, 'README.md')
@@ -161,9 +161,10 @@ def test_readme_block_runs(workspace, index):
     command = ['bash', '-c', adapted]
   else:
     adapted = adapt_python(code, tmp, data_dir)
-    command = [sys.executable, '-c', adapted]
+    command = [*python(), '-c', adapted]
   print(adapted)
-  env = {k: v for k, v in os.environ.items() if not k.startswith('XLA_FLAGS')}
+  env = with_python_on_path(
+      {k: v for k, v in os.environ.items() if not k.startswith('XLA_FLAGS')})
   result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
   assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
@@ -176,7 +177,7 @@ def test_tensorboard_reads_the_runs_events(workspace):
   logdir = os.path.join(tmp, 'runs', 'quickstart')
   if not os.path.isdir(logdir):
     pytest.skip('the first README block did not run')
-  result = subprocess.run([sys.executable, '-m', 'tensorboard.main', '--inspect',
+  result = subprocess.run([*python(), '-m', 'tensorboard.main', '--inspect',
                            f'--logdir={logdir}'], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]

@@ -95,7 +95,7 @@ def test_kill_9_at_any_moment_never_leaves_a_half_checkpoint(tiny_data_dir, tmp_
   ]
   seen_steps = []
   for what, condition in moments:
-    process = subprocess.Popen(**cli_command(workdir, tiny_data_dir, *ARGS),
+    process = subprocess.Popen(**cli_command(workdir, tiny_data_dir, *ARGS, real_process=True),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(condition, process, what)
     process.kill()

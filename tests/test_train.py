@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from cli_runner import run_commands
+from cli_runner import python, run_commands
 from conftest import (REPO, TINY_DATASET, restored_state, smoke_config,
                       straight_and_resumed_runs)
 from moco_jax import train
@@ -29,9 +29,11 @@ def test_resume_is_exact(tiny_data_dir, tmp_path, monkeypatch):
   assert logged(straight)[4] == pytest.approx(logged(interrupted)[4], rel=1e-6)
 
 
-def cli_command(workdir, data_dir, *overrides):
-  """The pretraining CLI on the smoke config and tiny dataset, one device."""
-  command = [sys.executable, '-m', 'moco_jax.main', '--config=configs/smoke.py',
+def cli_command(workdir, data_dir, *overrides, real_process=False):
+  """The pretraining CLI on the smoke config and tiny dataset, one device;
+  real_process: its own interpreter, not a fork of the preloaded one
+  (tests/cli_runner.py), for a test that kill -9s it."""
+  command = [*([sys.executable] if real_process else python()), '-m', 'moco_jax.main', '--config=configs/smoke.py',
              f'--workdir={workdir}', f'--config.data.dataset={TINY_DATASET}',
              f'--config.data.data_dir={data_dir}', *overrides]
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
@@ -92,12 +94,13 @@ BAD_INPUTS = [
 @pytest.fixture(scope='module')
 def bad_input_results(cli_workdir, tiny_data_dir):
   """Each BAD_INPUTS command line run on the finished CLI run, as `python -m`
-  runs it (forked from one runner that has imported the package:
+  runs it (forked from a server that has imported the package:
   tests/cli_runner.py); the run's digest before and after them all."""
   before = tree_digest(cli_workdir)
   command = cli_command(cli_workdir, tiny_data_dir)
+  module_and_args = command['args'][command['args'].index('-m') + 1:]
   done, import_stderr = run_commands(
-      [command['args'][2:] + overrides for overrides, _ in BAD_INPUTS], command['env'])
+      [module_and_args + overrides for overrides, _ in BAD_INPUTS], command['env'])
   assert import_stderr.strip() == '', import_stderr[-2000:]
   return before, done, tree_digest(cli_workdir)
 
