@@ -15,10 +15,10 @@ of a fresh `python` after its imports.
 The caller starts `python()` + [args] as an ordinary process (a small
 client). The client forwards the signals a test sends it (SIGINT, SIGTERM,
 ...) to the forked child and exits as the child did, with its status or by
-the same signal, so `subprocess.Popen` semantics hold. Two things a fork
-cannot give are left to a real process:
-- SIGKILL of the client cannot be forwarded; the server then kills the child
-  itself, a moment later. A test that kill -9s a run uses `sys.executable`.
+the same signal, so `subprocess.Popen` semantics hold, with two exceptions:
+- SIGKILL of the client cannot be forwarded (the server then kills the
+  child itself, a moment later): a test kill -9s the run with kill_9(), which
+  sends SIGKILL to the forked child and waits for the client to end.
 - Environment variables that the preloaded modules read while importing
   (JAX_*, TF_*, TFDS_*, PYTHON*, ...) must equal the server's; a command
   line with others, or with interpreter options, runs as a real process
@@ -78,6 +78,28 @@ def with_python_on_path(env: dict) -> dict:
       f.write('#!/bin/sh\nexec ' + ' '.join(f"'{p}'" for p in prefix) + ' "$@"\n')
     os.chmod(shim, 0o755)
   return dict(env, PATH=shim_dir + os.pathsep + env.get('PATH', ''))
+
+
+def kill_9(process: subprocess.Popen) -> None:
+  """SIGKILL the run `process` (started with python()) stands for, and wait
+  for it: its forked child under a server (a client cannot forward SIGKILL),
+  else the process itself."""
+  import signal
+  import time
+  if len(process.args) > 2 and process.args[1] == RUNNER:
+    pid_file = _pid_file(process.args[2].split('=', 1)[1], process.pid)
+    while not os.path.exists(pid_file) and process.poll() is None:
+      time.sleep(0.001)
+    if process.poll() is None:
+      with open(pid_file) as f:
+        os.kill(int(f.read()), signal.SIGKILL)
+  else:
+    process.kill()
+  process.wait()
+
+
+def _pid_file(socket_path, client_pid) -> str:
+  return os.path.join(os.path.dirname(socket_path), f'client_{client_pid}.pid')
 
 
 def import_stderr() -> str:
@@ -322,6 +344,10 @@ def _client(socket_path, argv) -> None:
     connection.close()
     os.execv(sys.executable, [sys.executable, *argv])   # 'real': run it as a real process
   child = int(first[1])
+  pid_file = _pid_file(socket_path, os.getpid())   # for kill_9
+  with open(pid_file + '.tmp', 'w') as f:
+    f.write(str(child))
+  os.replace(pid_file + '.tmp', pid_file)
   for signum in pending:
     os.kill(child, signum)
   last = reply.readline().split()

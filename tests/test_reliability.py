@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+from cli_runner import kill_9
 from conftest import smoke_config
 from test_train import cli_command, restored_state, run_cli, tree_digest
 from moco_jax.runtime import checkpointing
@@ -95,11 +96,10 @@ def test_kill_9_at_any_moment_never_leaves_a_half_checkpoint(tiny_data_dir, tmp_
   ]
   seen_steps = []
   for what, condition in moments:
-    process = subprocess.Popen(**cli_command(workdir, tiny_data_dir, *ARGS, real_process=True),
+    process = subprocess.Popen(**cli_command(workdir, tiny_data_dir, *ARGS),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(condition, process, what)
-    process.kill()
-    process.wait()
+    kill_9(process)
     steps = complete_steps(workdir)                          # what resume would see
     for step in steps:                                       # each one is whole
       restored_state(config_for(tiny_data_dir), workdir, step)

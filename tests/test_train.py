@@ -2,7 +2,6 @@
 import hashlib
 import os
 import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -29,11 +28,9 @@ def test_resume_is_exact(tiny_data_dir, tmp_path, monkeypatch):
   assert logged(straight)[4] == pytest.approx(logged(interrupted)[4], rel=1e-6)
 
 
-def cli_command(workdir, data_dir, *overrides, real_process=False):
-  """The pretraining CLI on the smoke config and tiny dataset, one device;
-  real_process: its own interpreter, not a fork of the preloaded one
-  (tests/cli_runner.py), for a test that kill -9s it."""
-  command = [*([sys.executable] if real_process else python()), '-m', 'moco_jax.main', '--config=configs/smoke.py',
+def cli_command(workdir, data_dir, *overrides):
+  """The pretraining CLI on the smoke config and tiny dataset, one device."""
+  command = [*python(), '-m', 'moco_jax.main', '--config=configs/smoke.py',
              f'--workdir={workdir}', f'--config.data.dataset={TINY_DATASET}',
              f'--config.data.data_dir={data_dir}', *overrides]
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
