@@ -167,6 +167,20 @@ def _measure(jitted, args, tpu_slice, batch_per_device: int, mfus) -> dict:
   return costs
 
 
+def _on_target(config, mesh):
+  """The config with model.conv_impl='auto' resolved for the mesh's devices,
+  not for this machine's CPU backend (which would compile the CPU conv into a
+  TPU program)."""
+  from moco_jax.models import fast_conv
+  impl = fast_conv.resolve(config.model.conv_impl, mesh.devices.flat[0].platform)
+  if impl == config.model.conv_impl:
+    return config
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.conv_impl = impl
+  return config
+
+
 def _experiment(config, mesh, info):
   from moco_jax.config.checks import ConfigError
   from moco_jax.data.info import DatasetError
@@ -186,6 +200,7 @@ def pretrain_programs(config, tpu_slice, mesh, info, image_shape, mfus,
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
   from moco_jax.runtime.mesh import AXIS
+  config = _on_target(config, mesh)
   experiment = _experiment(config, mesh, info)
   state = experiment.abstract_state()
   batch, size = config.train.batch_size, config.data.image_size
@@ -228,6 +243,7 @@ def eval_programs(config, tpu_slice, mesh, info, mfus, which=('knn', 'lincls')) 
   from moco_jax.augment.normalization import MEAN_STD
   from moco_jax.evaluation import knn, linear
   from moco_jax.runtime.mesh import AXIS, sharded_jit
+  config = _on_target(config, mesh)
   experiment = _experiment(config, mesh, info)
   state = experiment.abstract_state()
   mean, std = MEAN_STD[config.data.normalization]
