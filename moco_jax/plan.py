@@ -482,6 +482,11 @@ def main(argv):
     cli.fail(f'the plan compiles for TPUs with libtpu, which is not installed: '
              f'{accelerators.INSTALL_LIBTPU}')
   mfus = [float(m) for m in FLAGS.mfu]
+  import jax
+  # A program compiled for a described slice cannot be read back from JAX's
+  # persistent cache (libtpu: 'PjRtCompiler must be constructed with a
+  # Client'), and each try warns on stderr, which holds one line at most.
+  jax.config.update('jax_enable_compilation_cache', False)
   try:
     plan = make_plan(FLAGS.config, FLAGS.topology, mfus, tuple(FLAGS.programs))
   except PlanError as error:
