@@ -44,12 +44,14 @@ def define_flags():
   flags.DEFINE_bool('json', False, 'Print the plan as one JSON object instead of text.')
   flags.DEFINE_string('workdir', None, 'Optional: write DIR/plan.json when the run fits '
                       '(nothing is written when it does not).')
-  flags.DEFINE_list('programs', ['pretrain', 'knn', 'lincls'],
-                    'Which programs to compile: pretrain, knn, lincls.')
+  flags.DEFINE_list('programs', list(DEFAULT_PROGRAMS),
+                    'Which programs to compile: pretrain, knn, lincls, finetune (opt-in: '
+                    'the fine-tuning step, a whole backward pass to compile).')
 
 
 FLAG_NAMES = ('config', 'topology', 'mfu', 'json', 'workdir', 'programs')
-PROGRAMS = ('pretrain', 'knn', 'lincls')
+PROGRAMS = ('pretrain', 'knn', 'lincls', 'finetune')
+DEFAULT_PROGRAMS = PROGRAMS[:3]
 # Splits the plan knows without the data (TFDS catalogue): train examples,
 # classes, (H, W) when every image has that size.
 CATALOGUE = {'imagenet2012': (1_281_167, 1000, None), 'cifar10': (50_000, 10, (32, 32)),
@@ -290,6 +292,40 @@ def eval_programs(config, tpu_slice, mesh, info, mfus, which=('knn', 'lincls')) 
   return programs
 
 
+def finetune_program(config, tpu_slice, mesh, info, mfus) -> dict:
+  """{'fine-tune step (batch N)': costs}: the training step of
+  moco_jax.finetune (evaluation/finetune.py's Finetune.train_step, host
+  crops) for the pretrained architecture, with the fine-tuning base recipe
+  (config/finetune.py: SGD, batch 256) at the pretraining's image size,
+  normalisation and dtype."""
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from moco_jax.config.checks import ConfigError
+  from moco_jax.config.finetune import finetune_base_config
+  from moco_jax.data.info import DatasetError
+  from moco_jax.evaluation.finetune import Finetune
+  from moco_jax.runtime.mesh import AXIS
+  from moco_jax.weights import start_point
+  config = _on_target(config, mesh)
+  ft = finetune_base_config()
+  ft.init = 'random'   # the architecture alone: no weights are read
+  for key in ('arch', 'width_multiplier', 'cifar_stem', 'conv_impl'):
+    ft.model[key] = config.model[key]
+  ft.data.dataset, ft.data.image_size = config.data.dataset, config.data.image_size
+  ft.data.normalization, ft.dtype = config.data.normalization, config.dtype
+  try:
+    run = Finetune.without_run(ft, info, start_point.resolve(ft, mesh), mesh)
+  except (ConfigError, DatasetError) as error:
+    raise PlanError(f'fine-tuning: {error} (on {mesh.size} devices)') from None
+  batch, size = ft.train.batch_size, ft.data.image_size
+  sharded = NamedSharding(mesh, P(AXIS))
+  images = _sds((batch, size, size, 3), jnp.uint8, sharded)
+  labels = _sds((batch,), jnp.int32, sharded)
+  return {f'fine-tune step (batch {batch})': _measure(
+      run.train_step(), (run.abstract, images, labels), tpu_slice, batch // mesh.size,
+      mfus)}
+
+
 def _with_batch(config, batch: int):
   """The config at another global batch (queue_size kept a valid multiple)."""
   config = config.copy_and_resolve_references()
@@ -346,7 +382,7 @@ def largest_fitting_batch(config, tpu_slice, mesh, info, image_shape, mfus,
   return low * unit
 
 
-def make_plan(config, topology: str, mfus=(0.4, 0.6), programs=PROGRAMS) -> dict:
+def make_plan(config, topology: str, mfus=(0.4, 0.6), programs=DEFAULT_PROGRAMS) -> dict:
   """The whole plan as a dict (what --json prints).
 
   Raises:
@@ -393,7 +429,9 @@ def make_plan(config, topology: str, mfus=(0.4, 0.6), programs=PROGRAMS) -> dict
           config, tpu_slice, mesh, info, image_shape, mfus, host)
       return plan
   plan['programs'].update(eval_programs(
-      config, tpu_slice, mesh, info, mfus, [p for p in programs if p != 'pretrain']))
+      config, tpu_slice, mesh, info, mfus, [p for p in programs if p in ('knn', 'lincls')]))
+  if 'finetune' in programs:
+    plan['programs'].update(finetune_program(config, tpu_slice, mesh, info, mfus))
   plan['fits'] = all(p.get('fits', True) for p in plan['programs'].values())
   return plan
 
