@@ -7,12 +7,14 @@ Compiles, on this machine, with libtpu's real TPU compiler, the programs a
 run would execute on the TPU slice --topology: the pretraining step exactly
 as train_and_evaluate builds it for that device count (host crops, and the
 split on the devices when it is of one image size and fits), the kNN feature
-step and the linear-probe step. For each it prints HBM per device
+step and the linear-probe step; with --programs=...,finetune also the
+fine-tuning step. For each it prints HBM per device
 (arguments, temporaries, outputs, total against the chip's capacity), FLOPs
 per device per step, its collectives with their sizes, the roofline lower
 bound of the step time, and images/s per chip and per slice at the assumed
 MFUs. A pretraining step that does not fit in HBM is refused in one line
-naming the largest per-device batch that fits (exit 2; nothing written).
+naming the largest per-device batch that fits, found by compiling it and the
+next valid batch (exit 2; nothing written).
 --workdir: also write DIR/plan.json when the run fits. libtpu: pip install
 -e ".[tpu]". Nothing runs on an accelerator: it compiles only.
 """
@@ -344,9 +346,13 @@ def largest_fitting_batch(config, tpu_slice, mesh, info, image_shape, mfus,
   batch a multiple of moco.bn_groups. `too_big`: the costs of the requested
   batch (which does not fit).
 
-  Memory grows about linearly with the batch: a line through the smallest
-  batch and the requested one gives a first guess, then bisection (each probe
-  compiles) settles it.
+  The answer is compiled, and so is the next valid batch, which does not fit
+  (or is the requested one): the answer is the compiler's, not a model's.
+  Which batches to compile is guided by HBM growing about linearly with the
+  batch: each probe is where the line through the nearest fitting and the
+  nearest refused probe meets the capacity (regula falsi), or the middle when
+  two probes in a row did not halve the interval. A refused compile is quick
+  (libtpu stops at the first stage that runs out); one that fits is not.
   """
   devices, groups = mesh.size, config.moco.bn_groups
   unit = 1
@@ -356,29 +362,34 @@ def largest_fitting_batch(config, tpu_slice, mesh, info, image_shape, mfus,
 
   def memory(units):
     probe = _with_batch(config, units * unit * devices)
-    return pretrain_programs(probe, tpu_slice, mesh, info, image_shape, mfus,
-                             paths=('host',))['pretrain (host crops)']['memory']['total']
+    costs = pretrain_programs(probe, tpu_slice, mesh, info, image_shape, mfus,
+                              paths=('host',))['pretrain (host crops)']
+    return costs['fits'], costs['memory']['total']
 
-  high = config.train.batch_size // devices // unit   # in units; does not fit
-  smallest = memory(1)
-  if smallest > capacity:
+  # In units; the low end fits, the high end does not, with their HBM.
+  high, high_bytes = config.train.batch_size // devices // unit, too_big['memory']['total']
+  if high <= 1:
     return None
-  slope = (too_big['memory']['total'] - smallest) / max(high - 1, 1)
-  guess = min(high - 1, max(1, int(1 + (capacity - smallest) / slope))) if slope > 0 else 1
-  low = 1   # invariant: low fits, high does not
-  if low < guess < high:
-    if memory(guess) <= capacity:
-      low = guess
-      if guess + 1 < high and memory(guess + 1) > capacity:
-        high = guess + 1   # the guess was right: done
-    else:
-      high = guess
+  fits, low_bytes = memory(1)
+  if not fits:
+    return None
+  low, slow = 1, 0
   while high - low > 1:
-    middle = (low + high) // 2
-    if memory(middle) <= capacity:
-      low = middle
+    if slow >= 2:
+      probe = (low + high) // 2
     else:
-      high = middle
+      # A refused compile's figure is only libtpu's temporaries (a lower
+      # bound): the line can only overshoot, towards a quick refusal.
+      rise = max(high_bytes - low_bytes, 1)
+      probe = low + int((capacity - low_bytes) / rise * (high - low))
+      probe = min(high - 1, max(low + 1, probe))
+    width = high - low
+    fits, used = memory(probe)
+    if fits:
+      low, low_bytes = probe, used
+    else:
+      high, high_bytes = probe, max(used, capacity + 1)
+    slow = slow + 1 if 2 * (high - low) > width else 0
   return low * unit
 
 
