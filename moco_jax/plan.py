@@ -7,12 +7,14 @@ Compiles, on this machine, with libtpu's real TPU compiler, the programs a
 run would execute on the TPU slice --topology: the pretraining step exactly
 as train_and_evaluate builds it for that device count (host crops, and the
 split on the devices when it is of one image size and fits), the kNN feature
-step and the linear-probe step. For each it prints HBM per device
+step and the linear-probe step; with --programs=...,finetune also the
+fine-tuning step. For each it prints HBM per device
 (arguments, temporaries, outputs, total against the chip's capacity), FLOPs
 per device per step, its collectives with their sizes, the roofline lower
 bound of the step time, and images/s per chip and per slice at the assumed
 MFUs. A pretraining step that does not fit in HBM is refused in one line
-naming the largest per-device batch that fits (exit 2; nothing written).
+naming the largest per-device batch that fits, found by compiling it and the
+next valid batch (exit 2; nothing written).
 --workdir: also write DIR/plan.json when the run fits. libtpu: pip install
 -e ".[tpu]". Nothing runs on an accelerator: it compiles only.
 """
@@ -44,12 +46,14 @@ def define_flags():
   flags.DEFINE_bool('json', False, 'Print the plan as one JSON object instead of text.')
   flags.DEFINE_string('workdir', None, 'Optional: write DIR/plan.json when the run fits '
                       '(nothing is written when it does not).')
-  flags.DEFINE_list('programs', ['pretrain', 'knn', 'lincls'],
-                    'Which programs to compile: pretrain, knn, lincls.')
+  flags.DEFINE_list('programs', list(DEFAULT_PROGRAMS),
+                    'Which programs to compile: pretrain, knn, lincls, finetune (opt-in: '
+                    'the fine-tuning step, a whole backward pass to compile).')
 
 
 FLAG_NAMES = ('config', 'topology', 'mfu', 'json', 'workdir', 'programs')
-PROGRAMS = ('pretrain', 'knn', 'lincls')
+PROGRAMS = ('pretrain', 'knn', 'lincls', 'finetune')
+DEFAULT_PROGRAMS = PROGRAMS[:3]
 # Splits the plan knows without the data (TFDS catalogue): train examples,
 # classes, (H, W) when every image has that size.
 CATALOGUE = {'imagenet2012': (1_281_167, 1000, None), 'cifar10': (50_000, 10, (32, 32)),
@@ -167,6 +171,20 @@ def _measure(jitted, args, tpu_slice, batch_per_device: int, mfus) -> dict:
   return costs
 
 
+def _on_target(config, mesh):
+  """The config with model.conv_impl='auto' resolved for the mesh's devices,
+  not for this machine's CPU backend (which would compile the CPU conv into a
+  TPU program)."""
+  from moco_jax.models import fast_conv
+  impl = fast_conv.resolve(config.model.conv_impl, mesh.devices.flat[0].platform)
+  if impl == config.model.conv_impl:
+    return config
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.conv_impl = impl
+  return config
+
+
 def _experiment(config, mesh, info):
   from moco_jax.config.checks import ConfigError
   from moco_jax.data.info import DatasetError
@@ -186,6 +204,7 @@ def pretrain_programs(config, tpu_slice, mesh, info, image_shape, mfus,
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
   from moco_jax.runtime.mesh import AXIS
+  config = _on_target(config, mesh)
   experiment = _experiment(config, mesh, info)
   state = experiment.abstract_state()
   batch, size = config.train.batch_size, config.data.image_size
@@ -228,6 +247,7 @@ def eval_programs(config, tpu_slice, mesh, info, mfus, which=('knn', 'lincls')) 
   from moco_jax.augment.normalization import MEAN_STD
   from moco_jax.evaluation import knn, linear
   from moco_jax.runtime.mesh import AXIS, sharded_jit
+  config = _on_target(config, mesh)
   experiment = _experiment(config, mesh, info)
   state = experiment.abstract_state()
   mean, std = MEAN_STD[config.data.normalization]
@@ -274,6 +294,40 @@ def eval_programs(config, tpu_slice, mesh, info, mfus, which=('knn', 'lincls')) 
   return programs
 
 
+def finetune_program(config, tpu_slice, mesh, info, mfus) -> dict:
+  """{'fine-tune step (batch N)': costs}: the training step of
+  moco_jax.finetune (evaluation/finetune.py's Finetune.train_step, host
+  crops) for the pretrained architecture, with the fine-tuning base recipe
+  (config/finetune.py: SGD, batch 256) at the pretraining's image size,
+  normalisation and dtype."""
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from moco_jax.config.checks import ConfigError
+  from moco_jax.config.finetune import finetune_base_config
+  from moco_jax.data.info import DatasetError
+  from moco_jax.evaluation.finetune import Finetune
+  from moco_jax.runtime.mesh import AXIS
+  from moco_jax.weights import start_point
+  config = _on_target(config, mesh)
+  ft = finetune_base_config()
+  ft.init = 'random'   # the architecture alone: no weights are read
+  for key in ('arch', 'width_multiplier', 'cifar_stem', 'conv_impl'):
+    ft.model[key] = config.model[key]
+  ft.data.dataset, ft.data.image_size = config.data.dataset, config.data.image_size
+  ft.data.normalization, ft.dtype = config.data.normalization, config.dtype
+  try:
+    run = Finetune.without_run(ft, info, start_point.resolve(ft, mesh), mesh)
+  except (ConfigError, DatasetError) as error:
+    raise PlanError(f'fine-tuning: {error} (on {mesh.size} devices)') from None
+  batch, size = ft.train.batch_size, ft.data.image_size
+  sharded = NamedSharding(mesh, P(AXIS))
+  images = _sds((batch, size, size, 3), jnp.uint8, sharded)
+  labels = _sds((batch,), jnp.int32, sharded)
+  return {f'fine-tune step (batch {batch})': _measure(
+      run.train_step(), (run.abstract, images, labels), tpu_slice, batch // mesh.size,
+      mfus)}
+
+
 def _with_batch(config, batch: int):
   """The config at another global batch (queue_size kept a valid multiple)."""
   config = config.copy_and_resolve_references()
@@ -292,9 +346,13 @@ def largest_fitting_batch(config, tpu_slice, mesh, info, image_shape, mfus,
   batch a multiple of moco.bn_groups. `too_big`: the costs of the requested
   batch (which does not fit).
 
-  Memory grows about linearly with the batch: a line through the smallest
-  batch and the requested one gives a first guess, then bisection (each probe
-  compiles) settles it.
+  The answer is compiled, and so is the next valid batch, which does not fit
+  (or is the requested one): the answer is the compiler's, not a model's.
+  Which batches to compile is guided by HBM growing about linearly with the
+  batch: each probe is where the line through the nearest fitting and the
+  nearest refused probe meets the capacity (regula falsi), or the middle when
+  two probes in a row did not halve the interval. A refused compile is quick
+  (libtpu stops at the first stage that runs out); one that fits is not.
   """
   devices, groups = mesh.size, config.moco.bn_groups
   unit = 1
@@ -304,33 +362,38 @@ def largest_fitting_batch(config, tpu_slice, mesh, info, image_shape, mfus,
 
   def memory(units):
     probe = _with_batch(config, units * unit * devices)
-    return pretrain_programs(probe, tpu_slice, mesh, info, image_shape, mfus,
-                             paths=('host',))['pretrain (host crops)']['memory']['total']
+    costs = pretrain_programs(probe, tpu_slice, mesh, info, image_shape, mfus,
+                              paths=('host',))['pretrain (host crops)']
+    return costs['fits'], costs['memory']['total']
 
-  high = config.train.batch_size // devices // unit   # in units; does not fit
-  smallest = memory(1)
-  if smallest > capacity:
+  # In units; the low end fits, the high end does not, with their HBM.
+  high, high_bytes = config.train.batch_size // devices // unit, too_big['memory']['total']
+  if high <= 1:
     return None
-  slope = (too_big['memory']['total'] - smallest) / max(high - 1, 1)
-  guess = min(high - 1, max(1, int(1 + (capacity - smallest) / slope))) if slope > 0 else 1
-  low = 1   # invariant: low fits, high does not
-  if low < guess < high:
-    if memory(guess) <= capacity:
-      low = guess
-      if guess + 1 < high and memory(guess + 1) > capacity:
-        high = guess + 1   # the guess was right: done
-    else:
-      high = guess
+  fits, low_bytes = memory(1)
+  if not fits:
+    return None
+  low, slow = 1, 0
   while high - low > 1:
-    middle = (low + high) // 2
-    if memory(middle) <= capacity:
-      low = middle
+    if slow >= 2:
+      probe = (low + high) // 2
     else:
-      high = middle
+      # A refused compile's figure is only libtpu's temporaries (a lower
+      # bound): the line can only overshoot, towards a quick refusal.
+      rise = max(high_bytes - low_bytes, 1)
+      probe = low + int((capacity - low_bytes) / rise * (high - low))
+      probe = min(high - 1, max(low + 1, probe))
+    width = high - low
+    fits, used = memory(probe)
+    if fits:
+      low, low_bytes = probe, used
+    else:
+      high, high_bytes = probe, max(used, capacity + 1)
+    slow = slow + 1 if 2 * (high - low) > width else 0
   return low * unit
 
 
-def make_plan(config, topology: str, mfus=(0.4, 0.6), programs=PROGRAMS) -> dict:
+def make_plan(config, topology: str, mfus=(0.4, 0.6), programs=DEFAULT_PROGRAMS) -> dict:
   """The whole plan as a dict (what --json prints).
 
   Raises:
@@ -377,7 +440,9 @@ def make_plan(config, topology: str, mfus=(0.4, 0.6), programs=PROGRAMS) -> dict
           config, tpu_slice, mesh, info, image_shape, mfus, host)
       return plan
   plan['programs'].update(eval_programs(
-      config, tpu_slice, mesh, info, mfus, [p for p in programs if p != 'pretrain']))
+      config, tpu_slice, mesh, info, mfus, [p for p in programs if p in ('knn', 'lincls')]))
+  if 'finetune' in programs:
+    plan['programs'].update(finetune_program(config, tpu_slice, mesh, info, mfus))
   plan['fits'] = all(p.get('fits', True) for p in plan['programs'].values())
   return plan
 
@@ -466,6 +531,11 @@ def main(argv):
     cli.fail(f'the plan compiles for TPUs with libtpu, which is not installed: '
              f'{accelerators.INSTALL_LIBTPU}')
   mfus = [float(m) for m in FLAGS.mfu]
+  import jax
+  # A program compiled for a described slice cannot be read back from JAX's
+  # persistent cache (libtpu: 'PjRtCompiler must be constructed with a
+  # Client'), and each try warns on stderr, which holds one line at most.
+  jax.config.update('jax_enable_compilation_cache', False)
   try:
     plan = make_plan(FLAGS.config, FLAGS.topology, mfus, tuple(FLAGS.programs))
   except PlanError as error:

@@ -103,3 +103,7 @@ def test_conv_module():
       fast_conv.Conv if jax.default_backend() == 'cpu' else nn.Conv)
   with pytest.raises(ValueError, match="'bogus'.*xla"):
     fast_conv.conv_module('bogus')
+  # The plan compiles for TPUs on a CPU machine: 'auto' follows the target.
+  assert fast_conv.resolve('auto', 'tpu') == fast_conv.resolve('auto', 'gpu') == 'xla'
+  assert fast_conv.resolve('auto', 'cpu') == 'fast'
+  assert fast_conv.resolve('fast', 'tpu') == 'fast'

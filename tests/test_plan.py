@@ -2,7 +2,8 @@
 by libtpu on this CPU machine.
 
 Needs libtpu (pip install -e ".[tpu]"; .ci/run installs it); without it the
-compiling tests skip and only the missing-libtpu line is checked. The R50
+compiling tests skip and only the missing-libtpu line is checked. The smoke
+recipe's plan on a v5e-4 is compiled once (the smoke_plan fixture). The R50
 v4-8 recipe (3 min 40 s of compiling on 2 quiet cores) is opt-in:
 MOCO_JAX_TEST_R50_PLAN=1; .ci/run runs it after the suite.
 """
@@ -62,12 +63,19 @@ def tree_bytes(tree) -> int:
              for x in jax.tree.leaves(tree))
 
 
-@needs_libtpu
-def test_the_smoke_recipe_compiles_for_a_tpu_slice_and_holds_its_state():
+@pytest.fixture(scope='module')
+def smoke_plan():
+  """The smoke recipe's plan on SLICE with the pretraining, linear-probe and
+  fine-tuning programs, compiled once for the tests that read it."""
   from moco_jax import plan
+  return plan.make_plan(smoke(), SLICE, programs=('pretrain', 'lincls', 'finetune'))
+
+
+@needs_libtpu
+def test_the_smoke_recipe_compiles_for_a_tpu_slice_and_holds_its_state(smoke_plan):
   from moco_jax.models import build_encoder
   config = smoke()
-  result = plan.make_plan(config, SLICE, programs=('pretrain',))
+  result = smoke_plan
   host = result['programs']['pretrain (host crops)']
   assert result['topology']['chips'] == 4 and result['fits']
   # An independent count of what the step's arguments must hold: f_q's
@@ -90,6 +98,25 @@ def test_the_smoke_recipe_compiles_for_a_tpu_slice_and_holds_its_state():
 
 
 @needs_libtpu
+def test_the_fine_tuning_step_compiles_and_holds_the_whole_network(smoke_plan):
+  from moco_jax.models import build_backbone
+  config = smoke()
+  programs = smoke_plan['programs']
+  finetune, probe = programs['fine-tune step (batch 256)'], programs['linear probe step']
+  # The same backbone and batch: the probe runs it forward only, fine-tuning
+  # forward and backward (about 3x) and updates every weight.
+  assert probe['batch_per_device'] == finetune['batch_per_device'] == 256 // 4
+  assert 1.5 * probe['flops'] < finetune['flops'] < 6 * probe['flops']
+  # An independent count of what its arguments must hold at least: the
+  # backbone's parameters and their SGD momentum, and its BN statistics.
+  variables = jax.eval_shape(lambda: build_backbone(config.model).init(
+      jax.random.PRNGKey(0), np.zeros((2, 16, 16, 3), np.float32), train=False))
+  params, stats = tree_bytes(variables['params']), tree_bytes(variables['batch_stats'])
+  assert finetune['memory']['arguments'] >= 2 * params + stats
+  assert finetune['fits']
+
+
+@needs_libtpu
 def test_flops_per_step_scale_linearly_with_the_per_device_batch():
   flops = {}
   for per_device in (8, 16):
@@ -100,29 +127,32 @@ def test_flops_per_step_scale_linearly_with_the_per_device_batch():
 
 
 @needs_libtpu
-# Opt-in: the search for the batch that fits compiles the step many times; it
-# has not yet finished on this 2-core machine (over 28 min loaded), so it must
-# not hold up the default suite until it is made cheaper.
-@pytest.mark.skipif(not os.environ.get('MOCO_JAX_TEST_PLAN_SEARCH'),
-                    reason='opt-in (MOCO_JAX_TEST_PLAN_SEARCH=1): compiles the step '
-                           'repeatedly while searching for the batch that fits')
 def test_an_oversized_batch_is_refused_in_one_line_and_writes_nothing(tmp_path):
   workdir = tmp_path / 'run'
-  # 16 GiB of v5e HBM cannot hold 8192 of the smoke recipe's 64 px images
-  # (libtpu asks for ~3.4 MiB each). Each probe of the search compiles.
+  # A queue of 2^25 keys: each image's row of logits against it (128 MiB of
+  # float32, held a few times over for the backward pass) outweighs its
+  # activations, so 16 GiB of v5e HBM holds a few dozen images, and steps of
+  # a few dozen 16 px images compile in seconds (a refused one sooner).
+  queue = 2**25
   result = run_plan('--config=configs/smoke.py', '--topology=v5e-1',
-                    '--config.data.image_size=64', '--config.train.batch_size=8192',
-                    '--config.moco.queue_size=8192', '--programs=pretrain',
-                    f'--workdir={workdir}')
+                    '--config.train.batch_size=128', f'--config.moco.queue_size={queue}',
+                    '--programs=pretrain', f'--workdir={workdir}')
   lines = result.stderr.strip().splitlines()
   assert result.returncode == 2, result.stderr
   assert len(lines) == 1, result.stderr
-  assert lines[0].startswith('error: train.batch_size=8192 (8192 per device)')
+  assert lines[0].startswith('error: train.batch_size=128 (128 per device) needs at least ')
   assert 'the largest per-device batch that fits is' in lines[0]
   fitting = int(lines[0].split('fits is ')[1].split()[0])
-  assert 0 < fitting < 8192 and fitting % 8 == 0
+  assert 0 < fitting < 128 and fitting % 8 == 0   # bn_groups=8 on one chip
   assert result.stdout == ''
   assert not workdir.exists()
+  # The search returns only a batch it compiled within HBM whose next valid
+  # batch it compiled too and saw refused (plan.largest_fitting_batch); the
+  # refusal, quick to compile, is checked here again: 8 more (the queue a
+  # multiple of the batch, as the search keeps it) does not fit the chip.
+  batch = fitting + 8
+  config = smoke(**{'train.batch_size': batch, 'moco.queue_size': queue // batch * batch})
+  assert not host_program(config, 'v5e-1')['fits']
 
 
 def test_a_missing_libtpu_is_one_line_saying_how_to_install_it():

@@ -134,9 +134,32 @@ class Finetune:
     problems = config_problems(config, self.mesh.size, self.info.num_classes)
     if problems:
       raise ConfigError('; '.join(problems))
-    self.start = start_point.resolve(config, self.mesh, with_weights=not resuming)
-    if self.start.step >= 0:
-      config.pretrained_step = self.start.step
+    start = start_point.resolve(config, self.mesh, with_weights=not resuming)
+    if start.step >= 0:
+      config.pretrained_step = start.step
+    self._build(config, start)
+    self.checkpointer = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
+
+  @classmethod
+  def without_run(cls, config: ml_collections.ConfigDict, info, start, mesh) -> 'Finetune':
+    """The model, optimiser, state shapes and steps of `config` on `mesh`
+    for a dataset described by `info` and a StartPoint without weights: no
+    workdir, no data read (moco_jax.plan compiles its train_step).
+
+    Raises:
+      ConfigError: one line.
+    """
+    problems = config_problems(config, mesh.size, info.num_classes)
+    if problems:
+      raise ConfigError('; '.join(problems))
+    run = cls.__new__(cls)
+    run.mesh, run.info, run.checkpointer = mesh, info, None
+    run._build(config.copy_and_resolve_references(), start)
+    return run
+
+  def _build(self, config, start):
+    """Everything derived from the config, self.info and the start point."""
+    self.start = start
     self.config = config
     self.epoch_steps = steps_per_epoch(config, self.info)   # DatasetError if 0
     self.total_steps = total_steps(config, self.epoch_steps)
@@ -167,7 +190,6 @@ class Finetune:
     self.abstract = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated),
         abstract)
-    self.checkpointer = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
 
   def _create(self, rng):
     init_rng, state_rng = jax.random.split(rng)

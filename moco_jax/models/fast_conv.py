@@ -130,13 +130,17 @@ class Conv(nn.Module):
     return conv2d(x, kernel, self.strides, padding)
 
 
-def conv_module(impl: str):
-  """Conv module class for `impl`: 'xla' (nn.Conv), 'fast' (Conv) or 'auto'.
-
-  'auto' picks Conv on the CPU backend and nn.Conv elsewhere.
-  """
+def resolve(impl: str, platform: str) -> str:
+  """'xla' or 'fast' for `impl` on devices of `platform` ('cpu', 'tpu',
+  'gpu', ...): 'auto' is 'fast' on CPU only."""
   if impl not in IMPLS:
     raise ValueError(f'Unknown conv impl {impl!r}; expected one of {IMPLS}.')
-  if impl == 'fast' or (impl == 'auto' and jax.default_backend() == 'cpu'):
-    return Conv
-  return nn.Conv
+  if impl == 'auto':
+    return 'fast' if platform == 'cpu' else 'xla'
+  return impl
+
+
+def conv_module(impl: str):
+  """Conv module class for `impl` on the default backend: 'xla' (nn.Conv),
+  'fast' (Conv) or 'auto' (see `resolve`)."""
+  return Conv if resolve(impl, jax.default_backend()) == 'fast' else nn.Conv
