@@ -420,6 +420,7 @@ def make_plan(config, topology: str, mfus=(0.4, 0.6), programs=DEFAULT_PROGRAMS)
                    'ici_bandwidth_per_chip': chip.ici_bandwidth, 'source': chip.source},
       'config': {'arch': config.model.arch, 'batch_size': config.train.batch_size,
                  'batch_per_device': config.train.batch_size // mesh.size,
+                 'queue_size': config.moco.queue_size,
                  'image_size': config.data.image_size, 'dtype': config.dtype,
                  'shuffle_bn': bool(config.moco.shuffle_bn),
                  'shuffle_bn_mode': config.moco.get('shuffle_bn_mode', 'statistics'),
@@ -436,8 +437,11 @@ def make_plan(config, topology: str, mfus=(0.4, 0.6), programs=DEFAULT_PROGRAMS)
                                                 image_shape, mfus, paths=('device',)))
     if not host['fits']:
       plan['fits'] = False
-      plan['largest_fitting_batch_per_device'] = largest_fitting_batch(
-          config, tpu_slice, mesh, info, image_shape, mfus, host)
+      fitting = largest_fitting_batch(config, tpu_slice, mesh, info, image_shape, mfus, host)
+      plan['largest_fitting_batch_per_device'] = fitting
+      if fitting:   # the queue the search kept a multiple of that batch
+        plan['largest_fitting_queue_size'] = _with_batch(
+            config, fitting * mesh.size).moco.queue_size
       return plan
   plan['programs'].update(eval_programs(
       config, tpu_slice, mesh, info, mfus, [p for p in programs if p in ('knn', 'lincls')]))
@@ -452,8 +456,11 @@ def refusal(plan: dict) -> str:
   host = plan['programs']['pretrain (host crops)']
   t, c = plan['topology'], plan['config']
   fitting = plan.get('largest_fitting_batch_per_device')
-  fix = (f'the largest per-device batch that fits is {fitting} '
-         f'(--config.train.batch_size={fitting * t["chips"]})' if fitting
+  queue = plan.get('largest_fitting_queue_size')
+  flags = f'--config.train.batch_size={fitting * t["chips"]}' if fitting else ''
+  if fitting and queue != c['queue_size']:
+    flags += f' --config.moco.queue_size={queue}'   # a multiple of the batch's keys
+  fix = (f'the largest per-device batch that fits is {fitting} ({flags})' if fitting
          else 'not even the smallest valid per-device batch fits: use a larger slice')
   return (f'train.batch_size={c["batch_size"]} ({c["batch_per_device"]} per device) '
           f'needs {"at least " if "compiler" in host else ""}'

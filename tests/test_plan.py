@@ -146,6 +146,15 @@ def test_an_oversized_batch_is_refused_in_one_line_and_writes_nothing(tmp_path):
   assert 0 < fitting < 128 and fitting % 8 == 0   # bn_groups=8 on one chip
   assert result.stdout == ''
   assert not workdir.exists()
+  # The flags it names make a config pretraining accepts (48 does not divide
+  # the 2^25-key queue: the line names a queue that it does divide).
+  from moco_jax.config.checks import config_problems
+  named = dict(flag.lstrip('-').split('=') for flag in
+               lines[0].split('(--')[1].rstrip(')').replace(' --', ' ').split())
+  assert named['config.train.batch_size'] == str(fitting)
+  suggested = smoke(**{'train.batch_size': fitting,
+                       'moco.queue_size': int(named.get('config.moco.queue_size', queue))})
+  assert config_problems(suggested, 1) == []
   # The search returns only a batch it compiled within HBM whose next valid
   # batch it compiled too and saw refused (plan.largest_fitting_batch); the
   # refusal, quick to compile, is checked here again: 8 more (the queue a
