@@ -20,9 +20,10 @@ the same signal, so `subprocess.Popen` semantics hold, with two exceptions:
   child itself, a moment later): a test kill -9s the run with kill_9(), which
   sends SIGKILL to the forked child and waits for the client to end.
 - Environment variables that the preloaded modules read while importing
-  (JAX_*, TF_*, TFDS_*, PYTHON*, ...) must equal the server's; a command
-  line with others, or with interpreter options, runs as a real process
-  (the client execs the interpreter).
+  (TF_*, TFDS_*, PYTHON*, ...) must equal the server's, apart from those of
+  JAX's options (JAX_ENABLE_COMPILATION_CACHE, ...), which the child sets
+  with jax.config.update; a command line with others, or with interpreter
+  options, runs as a real process (the client execs the interpreter).
 
 MOCO_JAX_TEST_CLI_SERVER=0 turns the server off (every command line a real
 process), to compare.
@@ -177,8 +178,34 @@ def _runnable(argv, env) -> str | None:
     return 'nothing to run'
   for key in set(env) | set(os.environ):
     if key.startswith(IMPORT_TIME_ENV) and env.get(key) != os.environ.get(key):
-      return f'{key} differs from the server'
+      if not (key in env and _jax_option(key) is not None):
+        return f'{key} differs from the server'
   return None
+
+
+def _jax_option(key) -> str | None:
+  """The JAX option that the environment variable `key` sets when JAX is
+  imported (JAX_ENABLE_COMPILATION_CACHE: jax_enable_compilation_cache), or
+  None. The child sets such an option with jax.config.update instead."""
+  import jax
+  name = key.lower()
+  return name if key.startswith('JAX_') and name in jax.config.values else None
+
+
+def _set_jax_options(env) -> None:
+  """In the child: the JAX options whose environment variables differ from
+  the server's, parsed as JAX parses them (booleans, integers, strings)."""
+  import jax
+  for key, text in env.items():
+    if key.startswith('JAX_') and text != os.environ.get(key) and _jax_option(key):
+      current = jax.config.values[_jax_option(key)]
+      if isinstance(current, bool):
+        value = text.strip().lower() in ('y', 'yes', 't', 'true', 'on', '1')
+      elif isinstance(current, int):
+        value = int(text)
+      else:
+        value = text
+      jax.config.update(_jax_option(key), value)
 
 
 def _run_as_main(argv) -> int:
@@ -227,6 +254,7 @@ def _child(argv, env, cwd, fds) -> None:
   for target, fd in enumerate(fds):
     os.dup2(fd, target)
     os.close(fd)
+  _set_jax_options(env)
   os.environ.clear()
   os.environ.update(env)
   os.chdir(cwd)
