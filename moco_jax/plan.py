@@ -456,12 +456,14 @@ def refusal(plan: dict) -> str:
   host = plan['programs']['pretrain (host crops)']
   t, c = plan['topology'], plan['config']
   fitting = plan.get('largest_fitting_batch_per_device')
-  queue = plan.get('largest_fitting_queue_size')
-  flags = f'--config.train.batch_size={fitting * t["chips"]}' if fitting else ''
-  if fitting and queue != c['queue_size']:
-    flags += f' --config.moco.queue_size={queue}'   # a multiple of the batch's keys
-  fix = (f'the largest per-device batch that fits is {fitting} ({flags})' if fitting
-         else 'not even the smallest valid per-device batch fits: use a larger slice')
+  if fitting:
+    flags = f'--config.train.batch_size={fitting * t["chips"]}'
+    queue = plan['largest_fitting_queue_size']   # a multiple of that batch's keys
+    if queue != c['queue_size']:
+      flags += f' --config.moco.queue_size={queue}'
+    fix = f'the largest per-device batch that fits is {fitting} ({flags})'
+  else:
+    fix = 'not even the smallest valid per-device batch fits: use a larger slice'
   return (f'train.batch_size={c["batch_size"]} ({c["batch_per_device"]} per device) '
           f'needs {"at least " if "compiler" in host else ""}'
           f'{host["memory"]["total"] / 2**30:.2f} GiB of HBM per device on '

@@ -118,16 +118,14 @@ def run_commands(commands, env=None, timeout=900):
   `python -m` would, one after another.
 
   Returns:
-    (results, import_stderr): one SimpleNamespace(returncode, stdout, stderr)
-    per command line, and what the preloaded imports printed on stderr.
+    (results, import_stderr): one CompletedProcess (returncode, stdout,
+    stderr) per command line, and what the preloaded imports printed on
+    stderr.
   """
   env = dict(os.environ if env is None else env)
-  results = []
-  for argv in commands:
-    done = subprocess.run([*python(), '-m', *argv], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    results.append(SimpleNamespace(returncode=done.returncode, stdout=done.stdout,
-                                   stderr=done.stderr))
+  results = [subprocess.run([*python(), '-m', *argv], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+             for argv in commands]
   return results, import_stderr()
 
 

@@ -89,8 +89,9 @@ class EpochOrder:
   def records(self, epoch: int, start: int) -> tf.data.Dataset:
     """The epoch's records from position `start` on."""
     if not self.exact:
-      return self._approximate(epoch).enumerate().skip(start).map(tf.autograph.experimental.do_not_convert(
-          lambda position, record: {'position': position, 'record': record}))
+      as_item = tf.autograph.experimental.do_not_convert(
+          lambda position, record: {'position': position, 'record': record})
+      return self._approximate(epoch).enumerate().skip(start).map(as_item)
     order = epoch_permutation(self._table_size, self._seed, self._process, epoch)[start:]
     table = {key: tf.gather(value, order) for key, value in self._table.items()}
     positions = tf.range(start, start + len(order), dtype=tf.int64)

@@ -113,8 +113,9 @@ def process_split(data_config, split: str, drop_remainder: bool,
     records = tfds.load(data_config.dataset, data_dir=_data_dir(data_config),
                         split=split, decoders={'image': tfds.decode.SkipDecoding()},
                         shuffle_files=False)
-    records = records.enumerate().filter(tf.autograph.experimental.do_not_convert(lambda i, _: keep[i])).map(
-        tf.autograph.experimental.do_not_convert(lambda _, r: r))
+    kept = tf.autograph.experimental.do_not_convert(lambda i, _: keep[i])
+    record = tf.autograph.experimental.do_not_convert(lambda _, r: r)
+    records = records.enumerate().filter(kept).map(record)
     records = records.apply(tf.data.experimental.assert_cardinality(len(part)))
   else:
     shuffle = {} if file_shuffle_seed is None else dict(
